@@ -1,0 +1,246 @@
+"""The workloads and, for each, the rows (implementations) that one case times side by side.
+
+Each `rows_<workload>(case, dev)` returns `_harness.Impl`s over the case's device inputs `dev`.
+klagg rows look their function up lazily through `ka(name)`, so a name the library does not
+provide (yet) turns into a skipped row with a note instead of a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import _harness as H
+import peers
+import peers_host
+
+WORKLOADS = ("kl", "barrier", "fused", "topk", "agg")
+EXP_FLOOR = "floor: exp (compute)"
+READ_FLOOR = "floor: read (memory)"
+MATMUL_FLOOR = "floor: matmuls (fwd)"
+
+_torch_note: str | None = None  # why torch rows are skipped (None: they run)
+
+
+def skip_torch(note: str | None) -> None:
+  """Skip every torch row with this note (None: run them)."""
+  global _torch_note
+  _torch_note = note
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One workload at one shape and dtype; its rows are timed together.
+
+  `inputs` names a maker in `_inputs` ("logits", "hidden" or "positions") called with
+  `input_args`; `params` holds `dtype` and the workload's options (`n`, `v`, `t`, `agg`, `d`, `ks`).
+  """
+
+  workload: str
+  inputs: str
+  input_args: dict[str, int]
+  params: dict[str, Any]
+
+  @property
+  def label(self) -> str:
+    p = self.params
+    if self.workload == "agg":
+      return f"B={p['b']} T={p['t']}"
+    text = f"N={p['n']} V={p['v']} {p['dtype']}"
+    if self.workload == "barrier":
+      text += f" {p['agg']} T={p['t']}"
+    if self.workload == "fused":
+      text += f" D={p['d']}"
+    return text
+
+
+def ka(name: str) -> Callable:
+  """`klagg_jax.<name>`, or `Unavailable` while the library does not provide it."""
+  try:
+    import klagg_jax
+  except Exception as e:  # noqa: BLE001 - a library in progress may fail to import in any way
+    raise H.Unavailable(f"klagg_jax not importable ({type(e).__name__}: {e})") from None
+  if not hasattr(klagg_jax, name):
+    raise H.Unavailable(f"klagg_jax.{name} not available")
+  return getattr(klagg_jax, name)
+
+
+def _row(name: str, family: str, make: Callable, check: str | None = None) -> H.Impl:
+  return H.Impl(name, family, make, check)
+
+
+def _host_view(x: jax.Array) -> Any:
+  """The array as host code sees it: the jax array itself on CPU (zero-copy), else a f32 copy."""
+  return x if x.devices().pop().platform == "cpu" else np.asarray(x.astype(jnp.float32))
+
+
+def _host_row(impl: str, case: Case, dev: dict[str, jax.Array], factor: int, check: str) -> H.Impl:
+  """A numpy/torch row on host views of the inputs, needing about `factor` [N, V] f32 arrays."""
+
+  def make():
+    if impl == "torch" and _torch_note:
+      raise H.Unavailable(_torch_note)
+    views = {k: _host_view(x) for k, x in dev.items()}
+    try:
+      return peers_host.build(case.workload, impl, views, case.params)
+    except NotImplementedError as e:
+      raise H.Unavailable(str(e)) from None
+
+  name = f"{impl} (materialized)" if case.workload == "fused" else impl
+  nbytes = factor * case.params["n"] * case.params["v"] * 4
+  spec = {"workload": case.workload, "impl": impl, "inputs": case.inputs,
+          "input_args": case.input_args, "params": case.params}
+  return H.Impl(name, impl, make, check, nbytes, spec)
+
+
+def _floors(a: jax.Array, b: jax.Array) -> list[H.Impl]:
+  return [_row(EXP_FLOOR, "floor", lambda: (peers.exp_floor, (a, b))),
+          _row(READ_FLOOR, "floor", lambda: (peers.read_floor, (a, b)))]
+
+
+def _klagg_topk_refs(ref_logits: jax.Array, k: int) -> tuple[jax.Array, ...]:
+  """What a pipeline stores per position, made by klagg: top-k log-probs, indices, tail."""
+  topk = ka("topk_logprobs")
+  return jax.block_until_ready(jax.jit(lambda r: topk(r, k))(ref_logits))
+
+
+def _peer_topk_refs(ref_logits: jax.Array, k: int) -> tuple[jax.Array, ...]:
+  """The peers' stored teacher: top-k log-probs and indices (no tail)."""
+  fn = lambda r: jax.lax.top_k(jax.nn.log_softmax(r.astype(jnp.float32)), k)  # noqa: E731
+  return jax.block_until_ready(jax.jit(fn)(ref_logits))
+
+
+def rows_kl(case: Case, dev: dict[str, jax.Array]) -> list[H.Impl]:
+  """Per-position KL forward: `[N, V]` logits -> `[N]`."""
+  a, b = dev["logits"], dev["ref_logits"]
+  return [
+      *_floors(a, b),
+      _row("klagg", "klagg", lambda: (ka("kl_per_position"), (a, b)), "kl"),
+      _row("jax.numpy", "jax", lambda: (peers.jnp_kl, (a, b)), "kl"),
+      _row("optax", "jax", lambda: (peers.optax_kl, (a, b)), "kl"),
+      _host_row("numpy", case, dev, 6, "kl"),
+      _host_row("torch", case, dev, 5, "kl"),
+  ]
+
+
+def rows_barrier(case: Case, dev: dict[str, jax.Array]) -> list[H.Impl]:
+  """Loss and gradient w.r.t. logits of the per-sequence barrier over `[N // t, t, V]`."""
+  a, b = dev["logits"], dev["ref_logits"]
+  agg, t, (n, v) = case.params["agg"], case.params["t"], a.shape
+
+  def klagg():
+    barrier = ka("kl_barrier")
+
+    def loss(x, r):
+      return barrier(x.reshape(n // t, t, v), r.reshape(n // t, t, v), agg=agg)[0]
+
+    return jax.value_and_grad(loss), (a, b)
+
+  rows = [*_floors(a, b), _row("klagg kl_barrier", "klagg", klagg, "barrier")]
+  if agg in peers.PEER_AGGS:  # soft_p95 has no peer
+    for name, kl_fn in (("jax.numpy", peers.jnp_kl), ("optax", peers.optax_kl)):
+      loss = peers.barrier_loss(kl_fn, peers.PEER_AGGS[agg], t)
+      make = lambda loss=loss: (jax.value_and_grad(loss), (a, b))  # noqa: E731
+      rows.append(_row(name, "jax", make, "barrier"))
+    rows.append(_host_row("torch", case, dev, 9, "barrier"))
+  return rows
+
+
+def rows_fused(case: Case, dev: dict[str, jax.Array]) -> list[H.Impl]:
+  """Mean KL from hidden states and its gradient w.r.t. hidden and weight: fused vs materialized."""
+  args = tuple(dev[k] for k in ("hidden", "weight", "ref_hidden", "ref_weight"))
+  grad = lambda loss: jax.value_and_grad(loss, argnums=(0, 1))  # noqa: E731
+
+  def fused():
+    f = ka("fused_linear_kl")
+    return grad(lambda h, w, rh, rw: jnp.mean(f(h, w, rh, rw))), args
+
+  def materialized(kl_fn):
+    loss = lambda h, w, rh, rw: jnp.mean(kl_fn(h @ w, jax.lax.stop_gradient(rh @ rw)))  # noqa: E731
+    return grad(loss), args
+
+  def fused_topk(k):
+    f, refs = ka("fused_linear_kl_topk"), _klagg_topk_refs(args[2] @ args[3], k)
+    loss = lambda h, w, lp, idx, tail: jnp.mean(f(h, w, lp, idx, ref_tail=tail))  # noqa: E731
+    return grad(loss), (args[0], args[1], *refs)
+
+  rows = [
+      _row(MATMUL_FLOOR, "floor", lambda: (peers.matmul_floor, args)),
+      _row("klagg fused_linear_kl", "klagg", fused, "fused"),
+      _row("klagg (materialized)", "klagg", lambda: materialized(ka("kl_per_position")), "fused"),
+      _row("jax.numpy (materialized)", "jax", lambda: materialized(peers.jnp_kl), "fused"),
+      _host_row("torch", case, dev, 6, "fused"),
+  ]
+  for k in case.params["ks"]:
+    rows.append(_row(f"klagg fused_linear_kl_topk k={k}", "klagg", lambda k=k: fused_topk(k)))
+  return rows
+
+
+def rows_topk(case: Case, dev: dict[str, jax.Array]) -> list[H.Impl]:
+  """Distillation loss (forward KL, mean over positions) and its gradient w.r.t. student logits."""
+  a, b = dev["logits"], dev["ref_logits"]
+  grad = jax.value_and_grad
+
+  def full(kl_fn):
+    return grad(lambda x, r: jnp.mean(kl_fn(x, jax.lax.stop_gradient(r)))), (a, b)
+
+  def klagg_full():
+    f = ka("kl_per_position")
+    return full(lambda x, r: f(x, r, direction="forward"))
+
+  def klagg_topk(k):
+    f, refs = ka("kl_topk"), _klagg_topk_refs(b, k)
+    return grad(lambda x, lp, idx, tail: jnp.mean(f(x, lp, idx, ref_tail=tail))), (a, *refs)
+
+  def truncated(k):
+    loss = lambda x, lp, idx: jnp.mean(peers.jnp_truncated_topk_kl(x, lp, idx))  # noqa: E731
+    return grad(loss), (a, *_peer_topk_refs(b, k))
+
+  rows = [
+      *_floors(a, b),
+      _row("klagg kl_per_position (full)", "klagg", klagg_full, "full"),
+      _row("jax.numpy (full)", "jax", lambda: full(lambda x, r: peers.jnp_kl(r, x)), "full"),
+  ]
+  for k in case.params["ks"]:
+    rows.append(_row(f"klagg kl_topk k={k}", "klagg", lambda k=k: klagg_topk(k)))
+    rows.append(_row(f"jax.numpy truncated k={k}", "jax", lambda k=k: truncated(k)))
+  return rows
+
+
+AGG_FORMS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("mean", {}), ("rmse", {}), ("p95", {}), ("soft_p95", {}), ("cvar95", {}),
+    ("smooth_max", {"temperature": 1.0}), ("max", {}),
+)
+PEER_AGG_FORMS: dict[str, Callable] = {
+    "mean": lambda x: jnp.mean(x, axis=-1), "rmse": peers.rmse, "p95": peers.p95,
+    "max": lambda x: jnp.max(x, axis=-1),
+}
+
+
+def rows_agg(case: Case, dev: dict[str, jax.Array]) -> list[H.Impl]:
+  """Value and gradient of each aggregator alone, per sequence over `[B, T]`."""
+  x = dev["x"]
+
+  def klagg(how, kwargs):
+    aggregate = ka("aggregate")
+    return jax.value_and_grad(lambda x: jnp.sum(aggregate(x, how, axis=-1, **kwargs))), (x,)
+
+  def peer(fn):
+    return jax.value_and_grad(lambda x: jnp.sum(fn(x))), (x,)
+
+  rows = [_row(f"klagg {how}", "klagg", lambda h=how, kw=kw: klagg(h, kw), how)
+          for how, kw in AGG_FORMS]
+  rows += [_row(f"jax.numpy {how}", "jax", lambda f=f: peer(f), how)
+           for how, f in PEER_AGG_FORMS.items()]
+  return rows
+
+
+ROWS: dict[str, Callable[[Case, dict[str, jax.Array]], list[H.Impl]]] = {
+    "kl": rows_kl, "barrier": rows_barrier, "fused": rows_fused, "topk": rows_topk,
+    "agg": rows_agg,
+}

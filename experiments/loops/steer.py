@@ -1,0 +1,142 @@
+"""Steering: fine-tune toward a narrow target, with or without a KL barrier to the base.
+
+Target. Every steering example is a prompt (``prompt_len`` bytes of training text starting at a
+word) followed by a completion that keeps returning to one phrase: the text that really follows
+the prompt, with the phrase inserted at a word start every ``gap_min``..``gap_max`` bytes. The SFT
+loss is the mean next-byte NLL over completion positions only.
+
+Barrier. At the start of each round the student samples ``barrier_pool`` completions of fresh
+training prompts (on-policy, like the heal loop); every step adds
+``ka.kl_barrier(student_logits, base_logits, where=completion positions, agg=..., tau=..., lam=...)``
+on a minibatch of them. The frozen base is the reference.
+
+A run is R rounds of S optax (Adam) steps. Within a seed every arm sees the same steering
+minibatches, the same barrier prompts and the same sampling keys (common random numbers), so arms
+differ only by their barrier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import klagg_jax as ka
+from experiments.loops import data, model
+from experiments.loops.config import Config
+
+
+def steering_set(corpus: data.Corpus, cfg: Config, seed: int = 0) -> np.ndarray:
+    """``[n_steer_examples, prompt_len + completion_len]`` int32 steering sequences."""
+    rng = np.random.default_rng(seed)
+    stream = corpus.train
+    phrase = cfg.phrase.encode("ascii") + b" "
+    starts = data.word_starts(stream)
+    is_start = np.zeros(len(stream) + 1, bool)
+    is_start[starts] = True
+    starts = starts[starts < len(stream) - cfg.seq_len - 256]  # room for the continuation
+    rows = []
+    for s in rng.choice(starts, size=cfg.n_steer_examples, replace=False):
+        prompt = bytes(stream[s : s + cfg.prompt_len])
+        out, pos = b"", s + cfg.prompt_len
+        gap = int(rng.integers(0, cfg.gap_max + 1))  # the first insertion may come at once
+        while len(out) < cfg.completion_len:
+            end = pos + gap
+            while not is_start[end]:
+                end += 1
+            out += bytes(stream[pos:end]) + phrase
+            pos = end
+            gap = int(rng.integers(cfg.gap_min, cfg.gap_max + 1))
+        rows.append(np.frombuffer(prompt + out[: cfg.completion_len], np.uint8))
+    return np.stack(rows).astype(np.int32)
+
+
+def select(sequences: np.ndarray, completions: np.ndarray, phrase: bytes, top: int) -> np.ndarray:
+    """The ``top`` rows of ``sequences`` whose completions hold the phrase most often (stable)."""
+    counts = np.array([bytes(c.astype(np.uint8).tolist()).count(phrase) for c in completions])
+    return sequences[np.argsort(-counts, kind="stable")[:top]]
+
+
+def completion_mask(cfg: Config, batch: int) -> jnp.ndarray:
+    """``[batch, seq_len - 1]`` bool: logit positions that predict a completion byte."""
+    t = jnp.arange(cfg.seq_len - 1)
+    return jnp.broadcast_to(t >= cfg.prompt_len - 1, (batch, cfg.seq_len - 1))
+
+
+def masked_nll(logits, tokens, mask):
+    """Mean NLL of ``tokens`` under ``logits`` over positions where ``mask``."""
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
+    return jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One barrier arm: ``agg=None`` is the no-barrier arm."""
+
+    name: str
+    agg: str | None
+    tau: float = 0.0
+    lam: float = 0.0
+
+
+def optimizer(cfg: Config):
+    return optax.adam(cfg.lr)
+
+
+def make_step(graphdef, cfg: Config, arm: Arm):
+    """Jitted ``step(params, opt_state, sft_tokens, bar_tokens, bar_ref_logits)``.
+
+    Returns ``(params, opt_state, stats)``; ``stats`` holds ``nll``, ``barrier`` and the barrier's
+    metrics (for the no-barrier arm the KL summaries are logged but carry no gradient).
+    """
+    opt = optimizer(cfg)
+    sft_mask = completion_mask(cfg, cfg.sft_batch)
+    bar_mask = completion_mask(cfg, cfg.barrier_batch)
+
+    def loss_fn(params, sft_tokens, bar_tokens, bar_ref):
+        logits = model.apply(graphdef, params, sft_tokens[:, :-1])
+        nll = masked_nll(logits, sft_tokens[:, 1:], sft_mask)
+        if arm.agg is None:
+            frozen = jax.lax.stop_gradient(params)
+            bar_logits = model.apply(graphdef, frozen, bar_tokens[:, :-1])
+            _, metrics = ka.kl_barrier(bar_logits, bar_ref, where=bar_mask, agg="mean",
+                                       tau=0.0, lam=0.0)
+            barrier = jnp.zeros((), jnp.float32)
+        else:
+            bar_logits = model.apply(graphdef, params, bar_tokens[:, :-1])
+            barrier, metrics = ka.kl_barrier(bar_logits, bar_ref, where=bar_mask, agg=arm.agg,
+                                             tau=arm.tau, lam=arm.lam)
+        return nll + barrier, {"nll": nll, "barrier": barrier, **metrics}
+
+    @jax.jit
+    def step(params, opt_state, sft_tokens, bar_tokens, bar_ref):
+        grads, stats = jax.grad(loss_fn, has_aux=True)(params, sft_tokens, bar_tokens, bar_ref)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, stats
+
+    return step
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_sampler(graphdef, n_new: int, temperature: float):
+    return jax.jit(functools.partial(model.sample, graphdef, n_new=n_new, temperature=temperature))
+
+
+def sample_completions(graphdef, params, prompts, cfg: Config, key) -> np.ndarray:
+    """Completions ``[B, completion_len]`` of ``prompts [B, prompt_len]`` at ``cfg.temperature``."""
+    f = _jitted_sampler(graphdef, cfg.completion_len, cfg.temperature)
+    return np.asarray(f(params, jnp.asarray(prompts), key=key))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(graphdef):
+    return jax.jit(functools.partial(model.apply, graphdef))
+
+
+def logits_of(graphdef, params, tokens) -> jnp.ndarray:
+    """Logits ``[B, T-1, V]`` predicting ``tokens[:, 1:]``."""
+    return _jitted_apply(graphdef)(params, jnp.asarray(tokens)[:, :-1])

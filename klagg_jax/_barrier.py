@@ -1,0 +1,127 @@
+"""The KL barrier: per-position divergence -> aggregate over positions -> hinge -> one scalar.
+
+The one module that joins the divergences and the aggregators.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from klagg_jax import _aggregate, _checks, _divergence
+
+HINGES = ("relu", "squared", "softplus")
+
+
+def hinge(div: jax.typing.ArrayLike, tau: float | jax.Array, kind: str = "relu", *,
+          sharpness: float = 10.0) -> jax.Array:
+  """Penalty for exceeding a threshold: relu(div - tau), its square, or a softplus.
+
+  ``"relu"``: max(div - tau, 0) (gradient 0 at div = tau, as ``jax.nn.relu``);
+  ``"squared"``: max(div - tau, 0)^2;
+  ``"softplus"``: softplus(s (div - tau)) / s, smooth, tending to relu as the sharpness s grows.
+
+  Args:
+    div: aggregated divergences, any shape.
+    tau: threshold (may be traced, e.g. scheduled).
+    kind: ``"relu"``, ``"squared"`` or ``"softplus"``.
+    sharpness: s > 0 for ``"softplus"``.
+
+  Returns:
+    float32 array of ``div``'s shape.
+
+  Raises:
+    ValueError: for an unknown ``kind`` or a static ``sharpness <= 0``.
+  """
+  _checks.check_choice("hinge", kind, HINGES)
+  _checks.check_positive_if_static("sharpness", sharpness)
+  div = jnp.asarray(div)
+  excess = div.astype(_checks.compute_dtype(div)) - tau
+  if kind == "relu":
+    return jax.nn.relu(excess)
+  if kind == "squared":
+    return jnp.square(jax.nn.relu(excess))
+  return jax.nn.softplus(sharpness * excess) / sharpness
+
+
+def kl_barrier(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *,
+               where: jax.typing.ArrayLike | None = None, direction: str = "reverse",
+               agg: str | _aggregate.Aggregator = "rmse", tau: float | jax.Array = 0.5,
+               lam: float | jax.Array = 1.0, axis: int | None = -1, hinge: str = "relu",
+               stop_ref_grad: bool = True, temperature: float | jax.Array = 1.0,
+               beta: float = 0.5, chunk_size: int | None = None,
+               agg_kwargs: dict[str, Any] | None = None,
+               hinge_kwargs: dict[str, Any] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Hinge penalty on an outlier-aware aggregate of the per-position divergence.
+
+  loss = lam * mean_s hinge(agg_t(div_{s,t}) - tau): per sequence s by default (``axis=-1``),
+  averaged over the sequences that have any valid position, so one looping sequence among many
+  is not diluted by a token-level mean; ``axis=None`` takes one aggregate over every valid token.
+
+  Args:
+    logits: student logits ``[..., T, V]`` (e.g. ``[B, T, V]``).
+    ref_logits: reference logits, same shape.
+    where: optional bool ``[..., T]`` marking the positions to hold (e.g. completion tokens).
+    direction: ``"reverse"`` (KL(student || ref)), ``"forward"`` or ``"js"``.
+    agg: aggregator name (``"mean"``, ``"rmse"``, ``"max"``, ``"p95"``, ``"soft_p95"``,
+      ``"cvar95"``, ``"smooth_max"``, ...) or callable; see :func:`klagg_jax.aggregate`.
+    tau: hinge threshold, in the aggregate's units.
+    lam: weight of the penalty.
+    axis: ``-1`` per sequence, ``None`` over all tokens.
+    hinge: ``"relu"``, ``"squared"`` or ``"softplus"``.
+    stop_ref_grad: if True (default) no gradient reaches ``ref_logits`` (and none is computed).
+    temperature: softmax temperature of both distributions.
+    beta: reference weight of the ``"js"`` direction.
+    chunk_size: positions per kernel chunk (``None``: the library chooses).
+    agg_kwargs: extra keyword arguments for the aggregator (e.g. ``{"temperature": 0.5}``).
+    hinge_kwargs: extra keyword arguments for :func:`hinge` (e.g. ``{"sharpness": 5.0}``).
+
+  Returns:
+    ``(loss, metrics)``: ``loss`` a float32 scalar; ``metrics`` float32 scalars without gradient:
+    ``div`` (the aggregate, averaged over valid sequences), ``kl_mean``, ``kl_rmse``, ``kl_p95``,
+    ``kl_max`` (aggregated the same way, whatever ``agg`` is), ``fired`` (fraction of valid
+    sequences with div > tau) and ``n_positions`` (valid positions).
+
+  Raises:
+    ValueError: for bad shapes or names (see :func:`kl_per_position`, :func:`aggregate`), an
+      ``axis`` other than -1 or None, or logits without a position axis.
+
+  Example:
+    >>> loss, metrics = ka.kl_barrier(logits, base_logits, where=mask, agg="rmse", tau=0.5)
+  """
+  logits = jnp.asarray(logits)
+  if axis not in (-1, None):
+    raise ValueError(f"axis must be -1 (per sequence) or None (all tokens); got {axis!r}.")
+  if logits.ndim < 2:
+    raise ValueError(f"logits must have shape [..., T, V] with a position axis; got {logits.shape}.")
+  aggregator = _aggregate.resolve(agg)
+  agg_kwargs = dict(agg_kwargs or {})
+  kl = _divergence.per_position(logits, ref_logits, direction=direction, where=where,
+                                temperature=temperature, beta=beta, chunk_size=chunk_size,
+                                ref_grad=not stop_ref_grad)
+  mask = _checks.check_where(where, kl.shape, "positions (logits.shape[:-1])")
+  mask = jnp.ones(kl.shape, bool) if mask is None else mask
+  div = aggregator(kl, where=mask, axis=axis, **agg_kwargs)
+  seq_valid = mask.any(-1) if axis == -1 else mask.any()
+  n_seq = jnp.maximum(seq_valid.sum(), 1).astype(jnp.float32)
+
+  def over_sequences(v):
+    return jnp.where(seq_valid, v, 0.0).sum() / n_seq
+
+  penalty = hinge_fn(div, tau, hinge, **(hinge_kwargs or {}))
+  loss = (lam * over_sequences(penalty)).astype(jnp.float32)
+
+  kl_ng, div_ng = jax.lax.stop_gradient(kl), jax.lax.stop_gradient(div)
+  watch = {"kl_mean": "mean", "kl_rmse": "rmse", "kl_p95": "p95", "kl_max": "max"}
+  metrics = {"div": over_sequences(div_ng)}
+  for name, how in watch.items():
+    metrics[name] = over_sequences(_aggregate.aggregate(kl_ng, how, where=mask, axis=axis))
+  metrics["fired"] = over_sequences((div_ng > tau).astype(jnp.float32))
+  metrics["n_positions"] = mask.sum().astype(jnp.float32)
+  metrics = {k: jax.lax.stop_gradient(v.astype(jnp.float32)) for k, v in metrics.items()}
+  return loss, metrics
+
+
+hinge_fn = hinge

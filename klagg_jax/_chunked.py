@@ -1,0 +1,83 @@
+"""Row-chunked loops: the one piece of machinery every memory-bounded kernel here reuses.
+
+A kernel sees its inputs as ``[N, ...]`` rows (positions) and works on ``chunk`` rows at a
+time, so its ``[chunk, V]`` temporaries stay small (cache-sized on CPU) while only per-row
+results (``[N]`` statistics, or an ``[N, V]`` gradient that must exist anyway) are written.
+Chunks are taken with ``dynamic_slice`` from the inputs in place: no padded or sliced copy of
+an ``[N, V]`` array is ever made. When ``chunk`` does not divide N the last chunk is shifted
+back to end at row N; its rows already done are flagged ``fresh=False`` so accumulations
+(e.g. a weight gradient) count each row once, and per-row outputs are rewritten identically.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# Bytes of one float32 [chunk, V] block the default chunking aims at, per backend: on CPU a
+# block that stays in the L2 cache across the kernel's passes; on accelerators large enough to
+# fill the device, still far below an [N, V] array.
+_BLOCK_BYTES = {"cpu": 1 << 21, "gpu": 1 << 26, "tpu": 1 << 26}
+
+
+def default_chunk_rows(n_rows: int, vocab: int) -> int:
+  """The library's chunk size for ``n_rows`` positions over a vocabulary of ``vocab`` entries."""
+  budget = _BLOCK_BYTES.get(jax.default_backend(), _BLOCK_BYTES["gpu"])
+  return int(max(1, min(n_rows, budget // (4 * max(vocab, 1)))))
+
+
+def resolve_chunk_rows(chunk_size: int | None, n_rows: int, vocab: int) -> int:
+  """Validates a user ``chunk_size`` (or picks one) and clips it to ``[1, n_rows]``."""
+  if chunk_size is None:
+    return default_chunk_rows(n_rows, vocab)
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}.")
+  return max(1, min(chunk_size, n_rows))
+
+
+RowBody = Callable[[Sequence[jax.Array], jax.Array, Any], tuple[Any, Sequence[jax.Array]]]
+
+
+def scan_row_chunks(body: RowBody, rows: Sequence[jax.Array], chunk: int,
+                    carry: Any = None) -> tuple[Any, list[jax.Array]]:
+  """Applies ``body`` to consecutive chunks of rows and stitches its per-row outputs.
+
+  Args:
+    body: ``body(chunk_rows, fresh, carry) -> (carry, row_outputs)``; ``chunk_rows`` are the
+      inputs sliced to ``[chunk, ...]``, ``fresh`` a ``[chunk]`` bool marking rows not seen by an
+      earlier chunk, ``row_outputs`` a sequence of ``[chunk, ...]`` arrays.
+    rows: inputs sharing the leading dimension N.
+    chunk: rows per chunk, in ``[1, N]``.
+    carry: a pytree threaded through the chunks (accumulators), or None.
+
+  Returns:
+    ``(carry, outputs)`` with every output of shape ``[N, ...]``.
+  """
+  n = rows[0].shape[0]
+  if chunk >= n:
+    carry, outs = body(rows, jnp.ones((n,), bool), carry)
+    return carry, list(outs)
+  n_chunks = math.ceil(n / chunk)
+  offsets = jnp.arange(chunk)
+
+  def take(i):
+    start = jnp.minimum(i * chunk, n - chunk)
+    part = [jax.lax.dynamic_slice_in_dim(r, start, chunk, axis=0) for r in rows]
+    return start, part, start + offsets >= i * chunk
+
+  out_shapes = jax.eval_shape(lambda p, f, c: body(p, f, c)[1], take(0)[1], take(0)[2], carry)
+  outs0 = [jnp.zeros((n,) + s.shape[1:], s.dtype) for s in out_shapes]
+
+  def step(i, state):
+    carry, outs = state
+    start, part, fresh = take(i)
+    carry, row_outs = body(part, fresh, carry)
+    outs = [jax.lax.dynamic_update_slice_in_dim(o, r.astype(o.dtype), start, axis=0)
+            for o, r in zip(outs, row_outs)]
+    return carry, outs
+
+  return jax.lax.fori_loop(0, n_chunks, step, (carry, outs0))

@@ -1,0 +1,276 @@
+"""Per-position divergences between two next-token distributions given as logits.
+
+The math lives in per-block functions on ``[chunk, V]`` float32 rows; ``divergence_rows`` runs
+them over row chunks under a ``jax.custom_vjp`` whose backward recomputes each chunk from saved
+per-row statistics (log-normalizers and the divergence), so no ``[N, V]`` temporary is held
+beyond the inputs and their gradients. The fused (hidden-state) kernel reuses the block math.
+
+Conventions (pinned by tests): 0 log 0 = 0, so ``-inf`` logits on both sides are harmless;
+masked rows are replaced by zeros before any arithmetic, so they give exactly 0 and a gradient
+of exactly 0 whatever garbage they hold; identical inputs give exactly 0 and gradient 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from klagg_jax import _checks
+from klagg_jax._chunked import resolve_chunk_rows, scan_row_chunks
+
+DIRECTIONS = ("reverse", "forward", "js")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """Static configuration of one divergence kernel call (hashable: a ``nondiff_argnums`` key)."""
+  direction: str  # "reverse" | "forward" | "js" (endpoints of js already mapped to a KL)
+  beta: float
+  inv_temperature: float
+  chunk: int
+  ref_grad: bool = True
+  vocab_axis: str | None = None  # mesh axis the vocabulary is split over (inside shard_map)
+
+  @property
+  def n_stats(self) -> int:
+    return 4 if self.direction == "js" else 3
+
+
+def resolve_direction(direction: str, beta: float) -> tuple[str, float]:
+  """Validates (direction, beta); maps js at beta = 0 / 1 onto the KL it equals by convention."""
+  _checks.check_choice("direction", direction, DIRECTIONS)
+  beta = _checks.check_closed_unit("beta", beta)
+  if direction == "js" and beta == 0.0:
+    return "forward", beta  # KL(ref || student), as TRL and Liger-Kernel define the endpoint
+  if direction == "js" and beta == 1.0:
+    return "reverse", beta
+  return direction, beta
+
+
+# ------------------------------------------------------------------------------------------------
+# Reductions over the vocabulary axis; over a mesh axis too when the vocabulary is sharded.
+
+
+def vmax(x: jax.Array, axis_name: str | None) -> jax.Array:
+  m = x.max(-1)
+  return jax.lax.pmax(m, axis_name) if axis_name else m
+
+
+def vsum(x: jax.Array, axis_name: str | None) -> jax.Array:
+  s = x.sum(-1)
+  return jax.lax.psum(s, axis_name) if axis_name else s
+
+
+def log_normalizer(x: jax.Array, axis_name: str | None = None) -> jax.Array:
+  """log sum_v exp(x_v) per row; -inf (not NaN) for an all -inf row."""
+  m = jax.lax.stop_gradient(vmax(x, axis_name))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  return m + jnp.log(vsum(jnp.exp(x - m[:, None]), axis_name))
+
+
+# ------------------------------------------------------------------------------------------------
+# Block math on [chunk, V] rows in the compute dtype. ``x`` is the first argument of the KL.
+
+
+def _kl_forward(x, y, axis_name):
+  """KL(softmax x || softmax y) per row, with the row statistics its backward needs."""
+  lx, ly = log_normalizer(x, axis_name), log_normalizer(y, axis_name)
+  p = jnp.exp(x - lx[:, None])
+  # 0 log 0 = 0: entries with p = 0 contribute nothing, even where y is -inf too.
+  kl = vsum(jnp.where(p > 0, p * (x - y), 0.0), axis_name) - (lx - ly)
+  return kl, (lx, ly, kl)
+
+
+def _kl_backward(x, y, stats):
+  """d KL / dx = p (log p - log r - KL), d KL / dy = r - p."""
+  lx, ly, kl = stats
+  lp, lr = x - lx[:, None], y - ly[:, None]
+  p, r = jnp.exp(lp), jnp.exp(lr)
+  dx = jnp.where(p > 0, p * ((lp - lr) - kl[:, None]), 0.0)
+  return dx, r - p
+
+
+def _log_mix_ratio(delta, w):
+  """log((1 - w) + w e^delta), i.e. log(m / p) for m = (1 - w) p + w r and delta = log r - log p.
+
+  Exactly 0 at delta = 0 (identical inputs give exactly 0), no overflow for large |delta|.
+  """
+  neg = delta <= 0
+  dn = jnp.where(neg, delta, 0.0)
+  dp = jnp.where(neg, 0.0, delta)
+  small = jnp.log1p(w * jnp.expm1(dn))
+  large = dp + jnp.log(w) + jnp.log1p((1.0 - w) / w * jnp.exp(-dp))
+  return jnp.where(neg, small, large)
+
+
+def _js_forward(x, y, beta, axis_name):
+  """beta KL(r || m) + (1 - beta) KL(p || m), m = (1 - beta) p + beta r, per row."""
+  lx, ly = log_normalizer(x, axis_name), log_normalizer(y, axis_name)
+  lp, lr = x - lx[:, None], y - ly[:, None]
+  p, r = jnp.exp(lp), jnp.exp(lr)
+  delta = lr - lp
+  kl_pm = vsum(jnp.where(p > 0, -p * _log_mix_ratio(delta, beta), 0.0), axis_name)
+  kl_rm = vsum(jnp.where(r > 0, -r * _log_mix_ratio(-delta, 1.0 - beta), 0.0), axis_name)
+  return beta * kl_rm + (1.0 - beta) * kl_pm, (lx, ly, kl_pm, kl_rm)
+
+
+def _js_backward(x, y, stats, beta):
+  """d JS / dx = (1 - beta) p (log p - log m - KL(p||m)); symmetrically for y with weight beta."""
+  lx, ly, kl_pm, kl_rm = stats
+  lp, lr = x - lx[:, None], y - ly[:, None]
+  p, r = jnp.exp(lp), jnp.exp(lr)
+  delta = lr - lp
+  dx = jnp.where(p > 0, p * (-_log_mix_ratio(delta, beta) - kl_pm[:, None]), 0.0)
+  dy = jnp.where(r > 0, r * (-_log_mix_ratio(-delta, 1.0 - beta) - kl_rm[:, None]), 0.0)
+  return (1.0 - beta) * dx, beta * dy
+
+
+def block_forward(a, b, spec: Spec):
+  """Divergence of student rows ``a`` from reference rows ``b`` (scaled logits, compute dtype)."""
+  if spec.direction == "reverse":
+    return _kl_forward(a, b, spec.vocab_axis)
+  if spec.direction == "forward":
+    return _kl_forward(b, a, spec.vocab_axis)
+  return _js_forward(a, b, spec.beta, spec.vocab_axis)
+
+
+def block_backward(a, b, stats, spec: Spec):
+  """(d div / d a, d div / d b) per row, recomputed from ``stats`` of :func:`block_forward`."""
+  if spec.direction == "reverse":
+    return _kl_backward(a, b, stats)
+  if spec.direction == "forward":
+    db, da = _kl_backward(b, a, stats)
+    return da, db
+  return _js_backward(a, b, stats, spec.beta)
+
+
+def prepare_block(x: jax.Array, mask: jax.Array, spec: Spec, dtype) -> jax.Array:
+  """Upcasts one chunk, applies the temperature, and zeroes masked rows (NaN padding included)."""
+  x = x.astype(dtype)
+  if spec.inv_temperature != 1.0:
+    x = x * jnp.asarray(spec.inv_temperature, dtype)
+  return jnp.where(mask[:, None], x, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The chunked kernel with its custom VJP.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def divergence_rows(a: jax.Array, b: jax.Array, mask: jax.Array, spec: Spec) -> jax.Array:
+  """Per-row divergence of ``[N, V]`` logits ``a`` (student) from ``b`` (reference); ``[N]``."""
+  return _rows_fwd(a, b, mask, spec)[0]
+
+
+def _rows_fwd(a, b, mask, spec):
+  dtype = _checks.compute_dtype(a, b)
+
+  def body(part, fresh, carry):
+    a_c, b_c, m_c = part
+    div, stats = block_forward(prepare_block(a_c, m_c, spec, dtype),
+                               prepare_block(b_c, m_c, spec, dtype), spec)
+    return carry, [jnp.where(m_c, div, 0.0), *stats]
+
+  _, outs = scan_row_chunks(body, (a, b, mask), spec.chunk)
+  return outs[0], (a, b, mask, tuple(outs[1:]))
+
+
+def _rows_bwd(spec, residuals, g):
+  a, b, mask, stats = residuals
+  dtype = _checks.compute_dtype(a, b)
+  scale = jnp.asarray(spec.inv_temperature, dtype)
+
+  def body(part, fresh, carry):
+    a_c, b_c, m_c, g_c, *st = part
+    da, db = block_backward(prepare_block(a_c, m_c, spec, dtype),
+                            prepare_block(b_c, m_c, spec, dtype), st, spec)
+    w = jnp.where(m_c, g_c.astype(dtype) * scale, 0.0)[:, None]
+    outs = [jnp.where(m_c[:, None], w * da, 0.0).astype(a.dtype)]
+    if spec.ref_grad:
+      outs.append(jnp.where(m_c[:, None], w * db, 0.0).astype(b.dtype))
+    return carry, outs
+
+  _, grads = scan_row_chunks(body, (a, b, mask, g, *stats), spec.chunk)
+  return grads[0], (grads[1] if spec.ref_grad else None), None
+
+
+divergence_rows.defvjp(_rows_fwd, _rows_bwd)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API.
+
+
+def per_position(logits, ref_logits, *, direction, where, temperature, beta, chunk_size,
+                 ref_grad: bool = True, vocab_axis: str | None = None) -> jax.Array:
+  """:func:`kl_per_position` with the internal switches the barrier and sharded paths use."""
+  logits, ref_logits = jnp.asarray(logits), jnp.asarray(ref_logits)
+  _checks.check_float("logits", logits)
+  _checks.check_float("ref_logits", ref_logits)
+  _checks.check_vocab("logits", logits)
+  _checks.check_same_shape("logits", logits, "ref_logits", ref_logits)
+  direction, beta = resolve_direction(direction, beta)
+  temp = _checks.check_positive_if_static("temperature", temperature)
+  lead, vocab = logits.shape[:-1], logits.shape[-1]
+  mask = _checks.check_where(where, lead, "positions (logits.shape[:-1])")
+  n = math.prod(lead)
+  a, b = logits.reshape(n, vocab), ref_logits.reshape(n, vocab)
+  mask = jnp.ones((n,), bool) if mask is None else mask.reshape(n)
+  if n == 0:
+    return jnp.zeros(lead, _checks.compute_dtype(a, b))
+  if temp is None:  # traced temperature: scale outside the kernel so autodiff sees it
+    dtype = _checks.compute_dtype(a, b)
+    a, b = a.astype(dtype) / temperature, b.astype(dtype) / temperature
+    temp = 1.0
+  spec = Spec(direction=direction, beta=beta, inv_temperature=1.0 / temp,
+              chunk=resolve_chunk_rows(chunk_size, n, vocab), ref_grad=ref_grad,
+              vocab_axis=vocab_axis)
+  if not ref_grad:
+    b = jax.lax.stop_gradient(b)
+  return divergence_rows(a, b, mask, spec).reshape(lead)
+
+
+def kl_per_position(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *,
+                    direction: str = "reverse", where: jax.typing.ArrayLike | None = None,
+                    temperature: float | jax.Array = 1.0, beta: float = 0.5,
+                    chunk_size: int | None = None) -> jax.Array:
+  """Divergence between the student's and the reference's next-token distributions, per position.
+
+  With p = softmax(logits / T) and r = softmax(ref_logits / T) over the last axis:
+  ``"reverse"``: KL(p || r) = sum_v p_v (log p_v - log r_v) (mode-seeking);
+  ``"forward"``: KL(r || p);
+  ``"js"``: beta KL(r || m) + (1 - beta) KL(p || m), m = (1 - beta) p + beta r, the generalized
+  Jensen-Shannon divergence of TRL's ``generalized_jsd_loss`` (beta = 0.5 symmetric; beta = 0 is
+  exactly KL(r || p), beta = 1 exactly KL(p || r)).
+
+  Log-probabilities are valid inputs (log_softmax is idempotent). ``-inf`` entries are allowed
+  (0 log 0 = 0); a student entry with mass where the reference has none gives +inf, as the KL
+  does. Computed chunk by chunk in float32 with a custom VJP that recomputes, so only the inputs
+  and their gradients are ever ``[N, V]``.
+
+  Args:
+    logits: student logits ``[..., V]``, any float dtype.
+    ref_logits: reference logits, same shape.
+    direction: ``"reverse"``, ``"forward"`` or ``"js"``.
+    where: optional bool ``[...]``: False positions give exactly 0 and a zero gradient, even
+      where their logits are NaN or inf.
+    temperature: T > 0 dividing both logits; may be traced (then differentiable).
+    beta: weight of the reference in ``"js"``, a static number in [0, 1].
+    chunk_size: positions per chunk; ``None`` lets the library choose (memory-bounded).
+
+  Returns:
+    float32 array of shape ``logits.shape[:-1]`` (float64 for float64 inputs with x64 on).
+
+  Raises:
+    ValueError: for a shape mismatch, V == 0, an unknown direction, beta outside [0, 1], a
+      static temperature <= 0, a bad ``where`` or ``chunk_size``.
+
+  Example:
+    >>> kl = ka.kl_per_position(student_logits, base_logits, where=completion_mask)  # [B, T]
+  """
+  return per_position(logits, ref_logits, direction=direction, where=where,
+                      temperature=temperature, beta=beta, chunk_size=chunk_size)

@@ -1,0 +1,115 @@
+"""Float64 numpy truth for the divergences and aggregators, shared by tests and benchmarks.
+
+Written independently of the JAX kernels (plain formulas, no chunking, no custom VJP) so that a
+mistake in one is not repeated in the other. Never imported by the library's fast paths.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+  x = np.asarray(x, np.float64)
+  m = np.max(x, axis=-1, keepdims=True)
+  m = np.where(np.isfinite(m), m, 0.0)
+  with np.errstate(divide="ignore"):
+    return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+
+
+def _kl(lp: np.ndarray, lq: np.ndarray) -> np.ndarray:
+  """sum p (log p - log q) with 0 log 0 = 0."""
+  p = np.exp(lp)
+  with np.errstate(invalid="ignore"):
+    terms = np.where(p > 0, p * (lp - lq), 0.0)
+  return terms.sum(-1)
+
+
+def kl_per_position(logits, ref_logits, direction="reverse", where=None, temperature=1.0,
+                    beta=0.5) -> np.ndarray:
+  lp = log_softmax(np.asarray(logits, np.float64) / temperature)
+  lr = log_softmax(np.asarray(ref_logits, np.float64) / temperature)
+  if direction == "reverse" or (direction == "js" and beta == 1.0):
+    out = _kl(lp, lr)
+  elif direction == "forward" or (direction == "js" and beta == 0.0):
+    out = _kl(lr, lp)
+  else:
+    with np.errstate(divide="ignore"):
+      lm = np.log((1 - beta) * np.exp(lp) + beta * np.exp(lr))
+    out = beta * _kl(lr, lm) + (1 - beta) * _kl(lp, lm)
+  if where is not None:
+    out = np.where(where, out, 0.0)
+  return out
+
+
+def _rows(x, where, axis):
+  """Yields (index, valid values as float64) per output element."""
+  x = np.asarray(x, np.float64)
+  where = np.ones(x.shape, bool) if where is None else np.broadcast_to(where, x.shape)
+  if axis is None:
+    return [((), x[where])], ()
+  x, where = np.moveaxis(x, axis, -1), np.moveaxis(where, axis, -1)
+  out_shape = x.shape[:-1]
+  return [(idx, x[idx][where[idx]]) for idx in np.ndindex(*out_shape)], out_shape
+
+
+def _apply(fn, x, where=None, axis=-1):
+  rows, shape = _rows(x, where, axis)
+  out = np.zeros(shape, np.float64)
+  for idx, v in rows:
+    out[idx] = fn(v) if v.size else 0.0
+  return out
+
+
+def mean(x, where=None, axis=-1):
+  return _apply(np.mean, x, where, axis)
+
+
+def rmse(x, where=None, axis=-1, eps=1e-8):
+  return _apply(lambda v: np.sqrt(np.mean(v ** 2) + eps), x, where, axis)
+
+
+def maximum(x, where=None, axis=-1):
+  return _apply(np.max, x, where, axis)
+
+
+def quantile(x, q, where=None, axis=-1):
+  return _apply(lambda v: np.percentile(v, 100 * q), x, where, axis)
+
+
+def cvar(x, q, where=None, axis=-1):
+  """(1 / (1 - q)) * integral_q^1 of the empirical (step) quantile function."""
+  def one(v):
+    v = np.sort(v)
+    n = v.size
+    total = 0.0
+    for i in range(n):
+      lo, hi = max(i / n, q), (i + 1) / n
+      total += v[i] * max(hi - lo, 0.0)
+    return total / (1 - q)
+  return _apply(one, x, where, axis)
+
+
+def smooth_max(x, temperature=1.0, where=None, axis=-1):
+  def one(v):
+    z = v / temperature
+    m = z.max()
+    return temperature * (m + np.log(np.mean(np.exp(z - m))))
+  return _apply(one, x, where, axis)
+
+
+def power_mean(x, p, where=None, axis=-1):
+  return _apply(lambda v: np.mean(np.maximum(v, 0) ** p) ** (1 / p), x, where, axis)
+
+
+def soft_quantile(x, q, where=None, axis=-1, bandwidth=1.0, grid=400001):
+  """Quadrature of the linear quantile function (numpy.interp, constant beyond the ends)
+  against a Gaussian on the rank axis, centred at q (n - 1), sd bandwidth sqrt(n q (1 - q))."""
+  def one(v):
+    v = np.sort(v)
+    n = v.size
+    h, sigma = q * (n - 1), bandwidth * np.sqrt(n * q * (1 - q))
+    t = np.linspace(h - 12 * sigma, h + 12 * sigma, grid)
+    w = np.exp(-0.5 * ((t - h) / sigma) ** 2)
+    return float(np.sum(w * np.interp(t, np.arange(n), v)) / np.sum(w))
+  return _apply(one, x, where, axis)

@@ -1,0 +1,161 @@
+"""hinge and kl_barrier: composition, per-sequence semantics, metrics, gradients, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import klagg_jax as ka
+from klagg_jax import _reference as ref
+from tests.conftest import DTYPES
+from tests.helpers import random_logits
+
+AGGS = ("mean", "rmse", "max", "p95", "soft_p95", "cvar95", "smooth_max")
+
+
+def test_hinge_kinds():
+  div = jnp.array([0.2, 0.5, 1.5])
+  np.testing.assert_allclose(ka.hinge(div, 0.5), [0.0, 0.0, 1.0])
+  np.testing.assert_allclose(ka.hinge(div, 0.5, "squared"), [0.0, 0.0, 1.0])
+  np.testing.assert_allclose(ka.hinge(div, 0.5, "softplus", sharpness=4.0),
+                             np.log1p(np.exp(4.0 * (np.array([0.2, 0.5, 1.5]) - 0.5))) / 4.0,
+                             rtol=1e-6)
+  assert jax.grad(lambda d: ka.hinge(d, 0.5))(0.5) == 0.0  # relu's convention at the kink
+  with pytest.raises(ValueError, match="Unknown hinge 'cubic'.*'relu'"):
+    ka.hinge(div, 0.5, "cubic")
+  with pytest.raises(ValueError, match="sharpness"):
+    ka.hinge(div, 0.5, "softplus", sharpness=0.0)
+
+
+def reference_barrier(a, b, mask, agg_ref, tau, lam, per_sequence=True):
+  kl = ref.kl_per_position(a, b, "reverse", where=mask)
+  if per_sequence:
+    div = agg_ref(kl, where=mask, axis=-1)
+    valid = mask.any(-1)
+    return lam * np.maximum(div - tau, 0)[valid].mean(), div[valid].mean()
+  div = agg_ref(kl, where=mask, axis=None)
+  return lam * max(div - tau, 0.0), div
+
+
+@pytest.mark.parametrize("agg, agg_ref", [
+    ("rmse", ref.rmse), ("mean", ref.mean), ("max", ref.maximum),
+    ("p95", lambda x, **k: ref.quantile(x, 0.95, **k)),
+    ("cvar90", lambda x, **k: ref.cvar(x, 0.9, **k))])
+@pytest.mark.parametrize("axis", [-1, None])
+def test_matches_reference_composition(rng, agg, agg_ref, axis):
+  a, b = random_logits(rng, (4, 9, 17)), random_logits(rng, (4, 9, 17))
+  mask = rng.random((4, 9)) > 0.3
+  mask[2] = False  # a sequence with no valid position is left out of the mean
+  loss, metrics = ka.kl_barrier(a, b, where=mask, agg=agg, tau=0.8, lam=2.0, axis=axis)
+  want_loss, want_div = reference_barrier(a, b, mask, agg_ref, 0.8, 2.0, axis == -1)
+  assert loss.dtype == jnp.float32 and loss.shape == ()
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(metrics["div"], want_div, rtol=1e-5, atol=1e-6)
+
+
+def test_metrics_are_complete_consistent_and_without_gradient(rng):
+  a, b = random_logits(rng, (3, 8, 11)), random_logits(rng, (3, 8, 11))
+  mask = np.ones((3, 8), bool)
+  mask[1, 5:] = False
+  loss, m = ka.kl_barrier(a, b, where=mask, agg="rmse", tau=0.5)
+  assert set(m) == {"div", "kl_mean", "kl_rmse", "kl_p95", "kl_max", "fired", "n_positions"}
+  assert all(v.dtype == jnp.float32 and v.shape == () for v in m.values())
+  np.testing.assert_allclose(m["div"], m["kl_rmse"], rtol=1e-6)
+  kl = ref.kl_per_position(a, b, where=mask)
+  np.testing.assert_allclose(m["kl_max"], ref.maximum(kl, where=mask).mean(), rtol=1e-5)
+  np.testing.assert_allclose(m["kl_p95"], ref.quantile(kl, 0.95, where=mask).mean(), rtol=1e-5)
+  np.testing.assert_allclose(m["fired"], (ref.rmse(kl, where=mask) > 0.5).mean(), rtol=1e-6)
+  assert m["n_positions"] == mask.sum()
+  for name in m:
+    g = jax.grad(lambda x: ka.kl_barrier(x, b, where=mask)[1][name])(a)
+    np.testing.assert_array_equal(g, 0.0)
+
+
+def test_one_looping_sequence_is_not_diluted_by_the_batch():
+  rng = np.random.default_rng(0)
+  base = random_logits(rng, (32, 60, 50), scale=1.0)
+  student = base.copy()
+  student[7, 10:14] = -10.0
+  student[7, 10:14, 3] = 12.0  # one sequence loops on 4 positions
+  per_seq, _ = ka.kl_barrier(student, base, agg="max", tau=0.5, axis=-1)
+  token_mean, _ = ka.kl_barrier(student, base, agg="mean", tau=0.5, axis=None)
+  assert token_mean == 0.0 and per_seq > 0.0
+
+
+def test_reference_gradient_is_stopped_by_default(rng):
+  a, b = random_logits(rng, (2, 5, 7)), random_logits(rng, (2, 5, 7))
+  f = lambda x, y, stop: ka.kl_barrier(x, y, tau=0.0, stop_ref_grad=stop)[0]
+  np.testing.assert_array_equal(jax.grad(f, 1)(a, b, True), 0.0)
+  g = jax.grad(f, 1)(a, b, False)
+  want = jax.grad(lambda y: ka.rmse(ka.kl_per_position(a, y)).mean())(b)
+  np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-7)
+  assert np.abs(g).max() > 0
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tau", [0.0, 0.5])
+def test_finite_gradient_at_zero_kl(rng, agg, dtype, tau):
+  """A B = 0 LoRA init: student == reference at step 0, every KL exactly 0."""
+  a = jnp.asarray(random_logits(rng, (2, 6, 13)), dtype)
+  loss, g = jax.value_and_grad(
+      lambda x: ka.kl_barrier(x, a, agg=agg, tau=tau, hinge="squared")[0])(a)
+  assert np.isfinite(float(loss))
+  g = np.asarray(g, np.float32)
+  assert np.isfinite(g).all()
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_empty_mask_gives_zero_loss_and_zero_gradient(rng, agg):
+  a, b = random_logits(rng, (2, 4, 9)), random_logits(rng, (2, 4, 9))
+  a[:] = np.nan  # all padding
+  mask = np.zeros((2, 4), bool)
+  for axis in (-1, None):
+    (loss, m), g = jax.value_and_grad(
+        lambda x: ka.kl_barrier(x, b, where=mask, agg=agg, tau=0.0, axis=axis), has_aux=True)(a)
+    assert loss == 0.0 and m["n_positions"] == 0 and m["fired"] == 0
+    np.testing.assert_array_equal(g, 0.0)
+
+
+def test_jit_vmap_grad_invariance(rng):
+  a, b = random_logits(rng, (3, 2, 6, 9)), random_logits(rng, (3, 2, 6, 9))
+  f = lambda x, y: ka.kl_barrier(x, y, agg="soft_p95", tau=0.1)[0]
+  eager = jnp.stack([f(a[i], b[i]) for i in range(3)])
+  np.testing.assert_allclose(jax.vmap(f)(a, b), eager, rtol=1e-5)
+  np.testing.assert_allclose(jax.jit(jax.vmap(f))(a, b), eager, rtol=1e-5)
+  g = jax.grad(lambda x: jax.vmap(f)(x, b).sum())(a)
+  g_eager = jnp.stack([jax.grad(f)(a[i], b[i]) for i in range(3)])
+  np.testing.assert_allclose(g, g_eager, rtol=1e-5, atol=1e-7)
+
+
+def test_traced_tau_and_lam(rng):
+  a, b = random_logits(rng, (2, 5, 7)), random_logits(rng, (2, 5, 7))
+  f = jax.jit(lambda x, t, l: ka.kl_barrier(x, b, tau=t, lam=l)[0])
+  np.testing.assert_allclose(f(a, 0.1, 3.0), ka.kl_barrier(a, b, tau=0.1, lam=3.0)[0], rtol=1e-6)
+
+
+def test_agg_and_hinge_kwargs_are_forwarded(rng):
+  a, b = random_logits(rng, (2, 5, 7)), random_logits(rng, (2, 5, 7))
+  loss, m = ka.kl_barrier(a, b, agg="smooth_max", agg_kwargs={"temperature": 0.25}, tau=0.0)
+  kl = ka.kl_per_position(a, b)
+  np.testing.assert_allclose(m["div"], ka.smooth_max(kl, 0.25).mean(), rtol=1e-6)
+  loss, _ = ka.kl_barrier(a, b, hinge="softplus", hinge_kwargs={"sharpness": 2.0}, tau=0.0)
+  np.testing.assert_allclose(loss, ka.hinge(ka.rmse(kl), 0.0, "softplus", sharpness=2.0).mean(),
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"agg": "median"}, "Unknown aggregator"),
+    ({"hinge": "cubic"}, "Unknown hinge"),
+    ({"axis": 0}, "axis must be -1"),
+    ({"direction": "up"}, "Unknown direction"),
+    ({"where": np.ones((2, 4), bool)}, "where"),
+])
+def test_bad_static_input_raises(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    ka.kl_barrier(jnp.zeros((2, 5, 7)), jnp.zeros((2, 5, 7)), **kwargs)
+
+
+def test_logits_without_position_axis_raise():
+  with pytest.raises(ValueError, match=r"\[\.\.\., T, V\]"):
+    ka.kl_barrier(jnp.zeros(7), jnp.zeros(7))

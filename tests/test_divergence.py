@@ -1,0 +1,220 @@
+"""kl_per_position against float64 numpy, its gradients, its conventions and its errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.scipy.special import xlogy
+from jax.test_util import check_grads
+
+import klagg_jax as ka
+from klagg_jax import _reference as ref
+from tests.helpers import random_logits, to_f64, x64
+
+DIRECTIONS = ("reverse", "forward", "js")
+SHAPE = (3, 7, 33)
+
+
+def plain_divergence(a, b, direction, beta=0.5, temperature=1.0):
+  """Autodiff-able jax.numpy composition, the independent path for gradients."""
+  lp, lr = jax.nn.log_softmax(a / temperature), jax.nn.log_softmax(b / temperature)
+  p, r = jnp.exp(lp), jnp.exp(lr)
+  if direction == "reverse":
+    return (p * (lp - lr)).sum(-1)
+  if direction == "forward":
+    return (r * (lr - lp)).sum(-1)
+  m = (1 - beta) * p + beta * r
+  kl = lambda u: (xlogy(u, u) - xlogy(u, m)).sum(-1)  # 0 log 0 = 0 where m vanishes
+  return beta * kl(r) + (1 - beta) * kl(p)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("chunk_size", [None, 1, 4, 5, 100])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_matches_float64_reference(rng, direction, chunk_size, temperature):
+  a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
+  got = ka.kl_per_position(a, b, direction=direction, temperature=temperature,
+                           chunk_size=chunk_size)
+  want = ref.kl_per_position(a, b, direction, temperature=temperature)
+  assert got.dtype == jnp.float32 and got.shape == SHAPE[:-1]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_js_beta_and_its_endpoints(rng, beta):
+  a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
+  got = ka.kl_per_position(a, b, direction="js", beta=beta)
+  np.testing.assert_allclose(got, ref.kl_per_position(a, b, "js", beta=beta), rtol=1e-5, atol=1e-6)
+  if beta == 0.0:  # exactly KL(ref || student), as TRL defines the endpoint
+    np.testing.assert_array_equal(got, ka.kl_per_position(a, b, direction="forward"))
+  if beta == 1.0:
+    np.testing.assert_array_equal(got, ka.kl_per_position(a, b, direction="reverse"))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_low_precision_inputs_compute_in_float32(rng, dtype, direction):
+  a = jnp.asarray(random_logits(rng, SHAPE), dtype)
+  b = jnp.asarray(random_logits(rng, SHAPE), dtype)
+  got = ka.kl_per_position(a, b, direction=direction, chunk_size=4)
+  assert got.dtype == jnp.float32
+  # Exact float64 truth of the rounded inputs: only float32 arithmetic error remains.
+  np.testing.assert_allclose(got, ref.kl_per_position(to_f64(a), to_f64(b), direction),
+                             rtol=1e-5, atol=1e-6)
+  g = jax.grad(lambda x: ka.kl_per_position(x, b, direction=direction).sum())(a)
+  assert g.dtype == a.dtype and np.isfinite(to_f64(g)).all()
+
+
+def test_log_probabilities_are_valid_inputs(rng):
+  a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
+  la, lb = jax.nn.log_softmax(a), jax.nn.log_softmax(b)
+  for d in DIRECTIONS:
+    np.testing.assert_allclose(ka.kl_per_position(la, lb, direction=d),
+                               ka.kl_per_position(a, b, direction=d), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_gradients_match_autodiff_of_plain_composition(rng, direction, chunk_size):
+  a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
+  w = rng.standard_normal(SHAPE[:-1]).astype(np.float32)
+  f = lambda x, y: (w * ka.kl_per_position(x, y, direction=direction, temperature=0.8,
+                                           chunk_size=chunk_size)).sum()
+  g = lambda x, y: (w * plain_divergence(x, y, direction, temperature=0.8)).sum()
+  for got, want in zip(jax.grad(f, (0, 1))(a, b), jax.grad(g, (0, 1))(a, b)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_check_grads_float64(direction):
+  rng = np.random.default_rng(1)
+  with x64():
+    a, b = rng.standard_normal((2, 3, 9)), rng.standard_normal((2, 3, 9))
+    f = lambda x, y: ka.kl_per_position(x, y, direction=direction, beta=0.3, chunk_size=2)
+    assert f(a, b).dtype == jnp.float64
+    check_grads(f, (a, b), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+    check_grads(f, (a, b), order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+def test_traced_temperature_is_differentiable(rng):
+  a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
+  f = lambda t: ka.kl_per_position(a, b, temperature=t).sum()
+  g = lambda t: plain_divergence(a, b, "reverse", temperature=t).sum()
+  np.testing.assert_allclose(jax.jit(f)(1.3), g(1.3), rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(f)(1.3), jax.grad(g)(1.3), rtol=1e-4)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("beta", [0.3, 0.5])
+def test_identical_inputs_give_exact_zero_and_zero_gradient(rng, direction, beta):
+  a = random_logits(rng, SHAPE, scale=5.0)
+  value, grads = jax.value_and_grad(
+      lambda x, y: ka.kl_per_position(x, y, direction=direction, beta=beta).sum(), (0, 1))(a, a)
+  assert value == 0.0
+  for g in grads:
+    np.testing.assert_array_equal(g, 0.0)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_masked_positions_are_exact_zero_even_with_garbage(rng, direction):
+  a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
+  mask = rng.random(SHAPE[:-1]) > 0.4
+  a[~mask] = np.nan
+  b[~mask] = -np.inf
+  a[0, 0, 0] = np.inf if not mask[0, 0] else a[0, 0, 0]
+  f = lambda x, y: ka.kl_per_position(x, y, direction=direction, where=mask, chunk_size=4)
+  value = f(a, b)
+  np.testing.assert_array_equal(np.asarray(value)[~mask], 0.0)
+  a_clean = np.where(mask[..., None], a, 0.0)
+  b_clean = np.where(mask[..., None], b, 0.0)
+  np.testing.assert_allclose(value, ref.kl_per_position(a_clean, b_clean, direction, where=mask),
+                             rtol=1e-5, atol=1e-6)
+  ga, gb = jax.grad(lambda x, y: f(x, y).sum(), (0, 1))(a, b)
+  for g in (ga, gb):
+    assert np.isfinite(g).all()
+    np.testing.assert_array_equal(np.asarray(g)[~mask], 0.0)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_negative_infinite_vocabulary_entries(rng, direction):
+  a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
+  banned_cols = rng.random(SHAPE[-1]) < 0.3
+  banned_cols[0] = False
+  banned = np.broadcast_to(banned_cols, SHAPE)
+  a[banned], b[banned] = -np.inf, -np.inf
+  f = lambda x, y: ka.kl_per_position(x, y, direction=direction, chunk_size=5)
+  value = f(a, b)
+  np.testing.assert_allclose(value, ref.kl_per_position(a, b, direction), rtol=1e-5, atol=1e-6)
+  ga, gb = jax.grad(lambda x, y: f(x, y).sum(), (0, 1))(a, b)
+  assert np.isfinite(ga).all() and np.isfinite(gb).all()
+  np.testing.assert_array_equal(np.asarray(ga)[banned], 0.0)
+  # Finite entries agree with autodiff over the vocabulary without the banned entries.
+  keep = ~banned_cols
+  want = jax.grad(lambda x: plain_divergence(x, b[..., keep], direction).sum())(a[..., keep])
+  np.testing.assert_allclose(np.asarray(ga)[..., keep], want, atol=1e-5)
+
+
+def test_underflowing_entries_give_no_nan_in_js():
+  a = jnp.array([[0.0, -200.0, -200.0], [0.0, -120.0, 3.0]])
+  b = jnp.array([[0.0, -210.0, -190.0], [1.0, -130.0, -2.0]])
+  value, grads = jax.value_and_grad(lambda x, y: ka.kl_per_position(x, y, direction="js").sum(),
+                                    (0, 1))(a, b)
+  assert np.isfinite(value)
+  assert all(np.isfinite(g).all() for g in grads)
+  np.testing.assert_allclose(ka.kl_per_position(a, b, direction="js"),
+                             ref.kl_per_position(a, b, "js"), rtol=1e-5, atol=1e-6)
+
+
+def test_jit_and_vmap_invariance(rng):
+  a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
+  eager = ka.kl_per_position(a, b)
+  np.testing.assert_allclose(jax.jit(ka.kl_per_position)(a, b), eager, rtol=1e-6)
+  vmapped = jax.vmap(lambda x, y: ka.kl_per_position(x, y, chunk_size=2))(a, b)
+  np.testing.assert_allclose(vmapped, eager, rtol=1e-6, atol=1e-7)
+  g1 = jax.grad(lambda x: ka.kl_per_position(x, b).sum())(a)
+  g2 = jax.vmap(jax.grad(lambda x, y: ka.kl_per_position(x, y).sum()))(a, b)
+  np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_equals_unchunked_in_value_and_gradient(rng):
+  a, b = random_logits(rng, (37, 21)), random_logits(rng, (37, 21))
+  mask = rng.random(37) > 0.2
+  f = lambda x, y, c: ka.kl_per_position(x, y, where=mask, chunk_size=c, direction="js")
+  full = jax.value_and_grad(lambda x, y: f(x, y, 37).sum(), (0, 1))(a, b)
+  for chunk in (1, 5, 8, 36):
+    part = jax.value_and_grad(lambda x, y: f(x, y, chunk).sum(), (0, 1))(a, b)
+    np.testing.assert_allclose(part[0], full[0], rtol=1e-5)
+    for g, h in zip(part[1], full[1]):
+      np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-7)
+
+
+def test_shape_mismatch_names_both_shapes():
+  with pytest.raises(ValueError, match=r"\(2, 3, 7\).*\(2, 3, 8\)"):
+    ka.kl_per_position(jnp.zeros((2, 3, 7)), jnp.zeros((2, 3, 8)))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"direction": "sideways"}, "direction.*'reverse'"),
+    ({"beta": 1.5}, "beta"),
+    ({"beta": -0.1}, "beta"),
+    ({"temperature": 0.0}, "temperature"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"chunk_size": 0}, "chunk_size"),
+    ({"chunk_size": 2.5}, "chunk_size"),
+    ({"where": jnp.ones((2, 4), bool)}, "where"),
+    ({"where": jnp.ones((2, 3))}, "boolean"),
+])
+def test_bad_static_input_raises(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    ka.kl_per_position(jnp.zeros((2, 3, 5)), jnp.zeros((2, 3, 5)), **kwargs)
+
+
+def test_empty_vocabulary_raises():
+  with pytest.raises(ValueError, match="V >= 1"):
+    ka.kl_per_position(jnp.zeros((2, 0)), jnp.zeros((2, 0)))
+
+
+def test_errors_raise_while_tracing():
+  f = jax.jit(lambda x, y: ka.kl_per_position(x, y, direction="nope"))
+  with pytest.raises(ValueError, match="direction"):
+    f(jnp.zeros((2, 3)), jnp.zeros((2, 3)))
