@@ -13,12 +13,14 @@ from klagg_jax._aggregate import soft_quantile as soft_quantile
 from klagg_jax._barrier import hinge as hinge
 from klagg_jax._barrier import kl_barrier as kl_barrier
 from klagg_jax._divergence import kl_per_position as kl_per_position
+from klagg_jax._fused import fused_linear_kl as fused_linear_kl
 
 __version__ = "0.1.0"
 
 __all__ = [
     "aggregate",
     "cvar",
+    "fused_linear_kl",
     "hinge",
     "kl_barrier",
     "kl_per_position",

@@ -1,0 +1,194 @@
+"""Tools for choosing and watching the barrier: tau calibration, separation, gradient pressure.
+
+They are built on the library's aggregators, so a tau or a ratio found here means exactly what
+:func:`klagg_jax.kl_barrier` will compute with the same aggregator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from klagg_jax import _aggregate, _checks
+
+SEPARATION_AGGS = ("mean", "rmse", "p95", "max", "soft_p95", "cvar95")
+
+
+def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
+  """num / den for num, den >= 0, with x / 0 = inf for x > 0 and 0 / 0 = 0."""
+  zero = den == 0
+  ratio = num / jnp.where(zero, 1.0, den)
+  return jnp.where(zero, jnp.where(num > 0, jnp.inf, 0.0), ratio)
+
+
+def calibrate_tau(kl_pos: jax.typing.ArrayLike, *, agg: str | _aggregate.Aggregator,
+                  where: jax.typing.ArrayLike | None = None, fire_rate: float = 0.05,
+                  **agg_kwargs: Any) -> jax.Array:
+  """The tau at which a per-sequence barrier fires on about ``fire_rate`` of known-good sequences.
+
+  tau = quantile_{1 - fire_rate}({agg_t(kl_{s,t}) : sequences s with a valid position}), the
+  linear-interpolation quantile (:func:`klagg_jax.quantile`) of the per-sequence aggregates that
+  :func:`klagg_jax.kl_barrier` computes with ``axis=-1``. Of those n sequences, the fraction with
+  aggregate > tau is (n - 1 - floor((1 - fire_rate) (n - 1))) / n when the aggregates are
+  distinct: within 1/n of ``fire_rate`` (5 of 100 at the default 0.05).
+
+  tau's scale is the aggregator's: rmse, p95 and max of the same KL differ by multiples (the
+  design note's coherent trait has mean 0.018 and max 0.095), so recalibrate whenever ``agg``
+  changes. Measure on sequences the barrier should leave alone (e.g. the reference's own
+  samples, or the student's on held-out prompts early in training).
+
+  Args:
+    kl_pos: per-position KL of known-good sequences, ``[B, T]`` (or ``[..., T]``), e.g. from
+      :func:`klagg_jax.kl_per_position` or :func:`klagg_jax.kl_estimate`.
+    agg: aggregator name or callable, as for :func:`klagg_jax.aggregate`.
+    where: optional bool mask broadcastable to ``kl_pos`` (e.g. completion tokens); sequences
+      with no valid position are left out.
+    fire_rate: static target fraction of sequences with aggregate > tau, in (0, 1).
+    **agg_kwargs: passed to the aggregator (e.g. ``temperature`` for ``"smooth_max"``).
+
+  Returns:
+    float32 scalar tau (0.0 when no sequence has a valid position). Works under ``jit``.
+
+  Raises:
+    ValueError: for ``fire_rate`` outside (0, 1), ``kl_pos`` without a position axis, or the
+      errors of :func:`klagg_jax.aggregate`.
+
+  Example:
+    >>> tau = ka.calibrate_tau(ka.kl_per_position(logits, base_logits), agg="rmse", where=mask)
+    >>> loss, metrics = ka.kl_barrier(logits, base_logits, where=mask, agg="rmse", tau=tau)
+  """
+  fire_rate = _checks.check_open_unit("fire_rate", fire_rate)
+  kl_pos = jnp.asarray(kl_pos)
+  if kl_pos.ndim < 1:
+    raise ValueError(f"kl_pos must have a position axis (shape [..., T]); got shape {kl_pos.shape}.")
+  mask = _checks.check_where(where, kl_pos.shape, "kl_pos")
+  per_seq = _aggregate.aggregate(kl_pos, agg, where=mask, axis=-1, **agg_kwargs)
+  seq_valid = None if mask is None else mask.any(-1)
+  return _aggregate.quantile(per_seq, 1.0 - fire_rate, where=seq_valid, axis=None)
+
+
+def separation(kl_a: jax.typing.ArrayLike, kl_b: jax.typing.ArrayLike, *,
+               aggs: Sequence[str | _aggregate.Aggregator] | Mapping[str, Any] = SEPARATION_AGGS,
+               where_a: jax.typing.ArrayLike | None = None,
+               where_b: jax.typing.ArrayLike | None = None,
+               axis: int | None = None) -> dict[str, dict[str, float]]:
+  """Each aggregator's value on two groups of per-position KL, and their ratio b / a.
+
+  ratio = agg(kl_b) / agg(kl_a): with ``a`` a coherent (acceptable) group and ``b`` an
+  incoherent one, the aggregator with the largest ratio separates them best, and a tau between
+  the two values fires on ``b`` only. ``separation(trait_kl, loop_kl)`` on the design note's
+  synthetic students gives 20.6 (mean), 57.7 (rmse), 77.0 (p95) and 85.4 (max): the table of
+  ``python -m klagg_jax.diag``, on your own data.
+
+  A host-side diagnostic: it returns Python floats, so call it outside ``jit`` (inside, use
+  :func:`klagg_jax.aggregate` directly).
+
+  Args:
+    kl_a: per-position KL of the first (reference, e.g. coherent) group, any shape.
+    kl_b: per-position KL of the second group, any shape (need not match ``kl_a``'s).
+    aggs: aggregator names or callables (see :func:`klagg_jax.aggregate`), or a mapping from a
+      label to one of them (e.g. ``{"smooth_max T=0.5": functools.partial(ka.smooth_max,
+      temperature=0.5)}``). A callable is labelled by its ``__name__``.
+    where_a: optional bool mask broadcastable to ``kl_a``.
+    where_b: optional bool mask broadcastable to ``kl_b``.
+    axis: ``None`` (default): one aggregate over every valid position of a group (token level,
+      the design note's table). ``-1``: per-sequence aggregates, averaged over the group's
+      sequences that have a valid position: the ``div`` that :func:`klagg_jax.kl_barrier` logs.
+
+  Returns:
+    ``{label: {"a": float, "b": float, "ratio": float}}`` in the order of ``aggs``, Python
+    floats; ``ratio`` is inf where ``a`` is 0 and ``b`` is not, and 0.0 where both are 0.
+
+  Raises:
+    ValueError: for an ``axis`` other than None or -1, an unknown aggregator, or a bad mask.
+
+  Example:
+    >>> for name, s in ka.separation(kl_good, kl_looping).items():
+    ...   print(f"{name:>8} {s['a']:.3f} {s['b']:.3f} {s['ratio']:.1f}x")
+  """
+  if axis not in (None, -1):
+    raise ValueError(f"axis must be None (token level) or -1 (per sequence); got {axis!r}.")
+  if isinstance(aggs, str) or callable(aggs):
+    aggs = (aggs,)
+  if not isinstance(aggs, Mapping):
+    aggs = {(how if isinstance(how, str) else getattr(how, "__name__", repr(how))): how
+            for how in aggs}
+
+  def group(kl, where):
+    kl = jnp.asarray(kl)
+    mask = _checks.check_where(where, kl.shape, "kl")
+    if axis is None or kl.ndim == 0:
+      return lambda how: _aggregate.aggregate(kl, how, where=mask, axis=None)
+    seq_valid = jnp.ones(kl.shape[:-1], bool) if mask is None else mask.any(-1)
+    n_seq = jnp.maximum(seq_valid.sum(), 1).astype(jnp.float32)
+
+    def over_sequences(how):
+      per_seq = _aggregate.aggregate(kl, how, where=mask, axis=-1)
+      return jnp.where(seq_valid, per_seq, 0.0).sum() / n_seq
+
+    return over_sequences
+
+  agg_a, agg_b = group(kl_a, where_a), group(kl_b, where_b)
+  values = {}
+  for label, how in aggs.items():
+    a, b = agg_a(how), agg_b(how)
+    values[label] = {"a": a, "b": b, "ratio": _safe_ratio(b, a)}
+  values = jax.device_get(values)
+  return {label: {k: float(v) for k, v in row.items()} for label, row in values.items()}
+
+
+def _global_norm(tree: Any) -> jax.Array:
+  """sqrt(sum of squares) over every leaf, in float32, scaled by the largest |entry| first so
+  that neither tiny (1e-30) nor huge (1e30) gradients underflow or overflow when squared."""
+  leaves = [jnp.asarray(x).astype(jnp.float32) for x in jax.tree_util.tree_leaves(tree)]
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  top = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0.0) for x in leaves]))
+  scale = jnp.where(top > 0, top, 1.0)
+  total = sum(jnp.sum(jnp.square(x / scale)) for x in leaves)
+  return jnp.where(top > 0, scale * jnp.sqrt(total), 0.0)
+
+
+def grad_pressure(loss_a: Callable[..., jax.Array], loss_b: Callable[..., jax.Array],
+                  params: Any, *args: Any) -> jax.Array:
+  """Ratio of gradient norms ||grad loss_a|| / ||grad loss_b|| with respect to a params pytree.
+
+  ||g|| is the global L2 norm over every leaf (as ``optax.global_norm``). With ``loss_a`` the
+  barrier and ``loss_b`` the SFT loss (the design note's g_bar / g_nll): >> 1 the barrier fights
+  the fine-tuning, ~ 1 they are balanced, 0 the barrier is inert (it has not fired). Both losses
+  share one forward pass. When ||grad loss_b|| is 0 the result is inf if ||grad loss_a|| > 0,
+  else 0.0 (both inert). Works under ``jit``.
+
+  Args:
+    loss_a: ``loss_a(params, *args)`` -> scalar, the numerator's loss (e.g. the barrier).
+    loss_b: ``loss_b(params, *args)`` -> scalar, the denominator's loss (e.g. the NLL).
+    params: a pytree of float arrays, differentiated (e.g. an ``nnx.State`` of ``nnx.Param``).
+    *args: further arguments of both losses (e.g. the batch), not differentiated.
+
+  Returns:
+    float32 scalar, >= 0 (inf as above).
+
+  Raises:
+    ValueError: if a loss does not return a scalar.
+
+  Example:
+    >>> nll = lambda p, batch: nll_loss(p, batch)
+    >>> bar = lambda p, batch: ka.kl_barrier(apply(p, batch), ref_logits, where=mask)[0]
+    >>> pressure = ka.grad_pressure(bar, nll, params, batch)  # log it beside the losses
+  """
+  def both(p):
+    out = (loss_a(p, *args), loss_b(p, *args))
+    for name, value in zip(("loss_a", "loss_b"), out):
+      if jnp.shape(value) != ():
+        raise ValueError(f"{name} must return a scalar; got shape {jnp.shape(value)}.")
+    return out
+
+  (a, b), vjp = jax.vjp(both, params)
+  one_a, zero_a = jnp.ones_like(a), jnp.zeros_like(a)
+  one_b, zero_b = jnp.ones_like(b), jnp.zeros_like(b)
+  (grad_a,) = vjp((one_a, zero_b))
+  (grad_b,) = vjp((zero_a, one_b))
+  return _safe_ratio(_global_norm(grad_a), _global_norm(grad_b))

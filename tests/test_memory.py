@@ -1,0 +1,35 @@
+"""Memory bounds of the kernels, from XLA's compiled memory analysis (deterministic; no timing).
+
+Shapes are the kernels issue's: lowering with ShapeDtypeStructs compiles without allocating or
+running anything, so the big shapes cost only compile time.
+"""
+
+import jax
+import jax.numpy as jnp
+
+import klagg_jax as ka
+
+F32 = jnp.float32
+
+
+def temp_bytes(fn, *shapes):
+  specs = [jax.ShapeDtypeStruct(s, F32) for s in shapes]
+  return jax.jit(fn).lower(*specs).compile().memory_analysis().temp_size_in_bytes
+
+
+def plain_kl(a, b):
+  lp, lr = jax.nn.log_softmax(a), jax.nn.log_softmax(b)
+  return (jnp.exp(lp) * (lp - lr)).sum(-1)
+
+
+def test_barrier_gradient_temp_is_under_15_percent_of_plain():
+  n, v = 4096, 32768
+  plain = jax.grad(lambda a, b: ka.rmse(plain_kl(a, jax.lax.stop_gradient(b))))
+  ours = jax.grad(lambda a, b: ka.kl_barrier(a[None], b[None], agg="rmse", tau=0.0)[0])
+  assert temp_bytes(ours, (n, v), (n, v)) <= 0.15 * temp_bytes(plain, (n, v), (n, v))
+
+
+def test_fused_gradient_temp_is_under_a_quarter_of_one_logits_array():
+  n, v, d = 8192, 32768, 512
+  grad = jax.grad(lambda h, w, rh, rw: ka.fused_linear_kl(h, w, rh, rw).sum(), (0, 1))
+  assert temp_bytes(grad, (n, d), (d, v), (n, d), (d, v)) < 0.25 * n * v * 4
