@@ -77,11 +77,19 @@ def log_normalizer(x: jax.Array, axis_name: str | None = None) -> jax.Array:
 
 
 def _kl_forward(x, y, axis_name):
-  """KL(softmax x || softmax y) per row, with the row statistics its backward needs."""
-  lx, ly = log_normalizer(x, axis_name), log_normalizer(y, axis_name)
-  p = jnp.exp(x - lx[:, None])
+  """KL(softmax x || softmax y) per row, with the row statistics its backward needs.
+
+  KL = sum_v e_v (x_v - y_v) / sum_v e_v - (lse x - lse y), e = exp(x - max x): two exps per
+  entry pair (one per side), the compute floor, and exactly 0 for identical rows.
+  """
+  mx = jax.lax.stop_gradient(vmax(x, axis_name))
+  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+  e = jnp.exp(x - mx[:, None])
+  sx = vsum(e, axis_name)
   # 0 log 0 = 0: entries with p = 0 contribute nothing, even where y is -inf too.
-  kl = vsum(jnp.where(p > 0, p * (x - y), 0.0), axis_name) - (lx - ly)
+  tilt = vsum(jnp.where(e > 0, e * (x - y), 0.0), axis_name)
+  lx, ly = mx + jnp.log(sx), log_normalizer(y, axis_name)
+  kl = tilt / sx - (lx - ly)
   return kl, (lx, ly, kl)
 
 
