@@ -37,8 +37,8 @@ def calibrate_tau(kl_pos: jax.typing.ArrayLike, *, agg: str | _aggregate.Aggrega
 
   tau's scale is the aggregator's: rmse, p95 and max of the same KL differ by multiples (the
   design note's coherent trait has mean 0.018 and max 0.095), so recalibrate whenever ``agg``
-  changes. Measure on sequences the barrier should leave alone (e.g. the reference's own
-  samples, or the student's on held-out prompts early in training).
+  changes. Measure the KL on sequences the barrier should leave alone: e.g. the completions of
+  a checkpoint you accept as coherent, scored against the reference the barrier will use.
 
   Args:
     kl_pos: per-position KL of known-good sequences, ``[B, T]`` (or ``[..., T]``), e.g. from
@@ -63,7 +63,8 @@ def calibrate_tau(kl_pos: jax.typing.ArrayLike, *, agg: str | _aggregate.Aggrega
   fire_rate = _checks.check_open_unit("fire_rate", fire_rate)
   kl_pos = jnp.asarray(kl_pos)
   if kl_pos.ndim < 1:
-    raise ValueError(f"kl_pos must have a position axis (shape [..., T]); got shape {kl_pos.shape}.")
+    raise ValueError(
+        f"kl_pos must have a position axis (shape [..., T]); got shape {kl_pos.shape}.")
   mask = _checks.check_where(where, kl_pos.shape, "kl_pos")
   per_seq = _aggregate.aggregate(kl_pos, agg, where=mask, axis=-1, **agg_kwargs)
   seq_valid = None if mask is None else mask.any(-1)
@@ -132,18 +133,21 @@ def separation(kl_a: jax.typing.ArrayLike, kl_b: jax.typing.ArrayLike, *,
     return over_sequences
 
   agg_a, agg_b = group(kl_a, where_a), group(kl_b, where_b)
-  values = {}
-  for label, how in aggs.items():
+  rows = []
+  for how in aggs.values():
     a, b = agg_a(how), agg_b(how)
-    values[label] = {"a": a, "b": b, "ratio": _safe_ratio(b, a)}
-  values = jax.device_get(values)
-  return {label: {k: float(v) for k, v in row.items()} for label, row in values.items()}
+    rows.append((a, b, _safe_ratio(b, a)))
+  rows = jax.device_get(rows)  # one transfer; a list keeps the order of ``aggs``
+  return {label: {"a": float(a), "b": float(b), "ratio": float(r)}
+          for label, (a, b, r) in zip(aggs, rows)}
 
 
 def _global_norm(tree: Any) -> jax.Array:
   """sqrt(sum of squares) over every leaf, in float32, scaled by the largest |entry| first so
-  that neither tiny (1e-30) nor huge (1e30) gradients underflow or overflow when squared."""
-  leaves = [jnp.asarray(x).astype(jnp.float32) for x in jax.tree_util.tree_leaves(tree)]
+  that neither tiny (1e-30) nor huge (1e30) gradients underflow or overflow when squared.
+  Integer leaves (whose cotangents are ``float0``) count as 0."""
+  leaves = [jnp.asarray(x).astype(jnp.float32) for x in jax.tree_util.tree_leaves(tree)
+            if x.dtype != jax.dtypes.float0]
   if not leaves:
     return jnp.zeros((), jnp.float32)
   top = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0.0) for x in leaves]))
@@ -165,7 +169,8 @@ def grad_pressure(loss_a: Callable[..., jax.Array], loss_b: Callable[..., jax.Ar
   Args:
     loss_a: ``loss_a(params, *args)`` -> scalar, the numerator's loss (e.g. the barrier).
     loss_b: ``loss_b(params, *args)`` -> scalar, the denominator's loss (e.g. the NLL).
-    params: a pytree of float arrays, differentiated (e.g. an ``nnx.State`` of ``nnx.Param``).
+    params: a pytree of arrays, differentiated (e.g. an ``nnx.State``); integer leaves (step
+      counters) count as zero gradient.
     *args: further arguments of both losses (e.g. the batch), not differentiated.
 
   Returns:
@@ -187,8 +192,8 @@ def grad_pressure(loss_a: Callable[..., jax.Array], loss_b: Callable[..., jax.Ar
     return out
 
   (a, b), vjp = jax.vjp(both, params)
-  one_a, zero_a = jnp.ones_like(a), jnp.zeros_like(a)
-  one_b, zero_b = jnp.ones_like(b), jnp.zeros_like(b)
-  (grad_a,) = vjp((one_a, zero_b))
-  (grad_b,) = vjp((zero_a, one_b))
-  return _safe_ratio(_global_norm(grad_a), _global_norm(grad_b))
+  # Both gradients from one batched backward pass: cotangents (1, 0) and (0, 1).
+  basis = (jnp.array([1, 0], a.dtype), jnp.array([0, 1], b.dtype))
+  (grads,) = jax.vmap(vjp)(basis)
+  norms = [_global_norm(jax.tree_util.tree_map(lambda g, i=i: g[i], grads)) for i in (0, 1)]
+  return _safe_ratio(*norms)

@@ -53,12 +53,13 @@ def kl_estimate(logp: jax.typing.ArrayLike, ref_logp: jax.typing.ArrayLike, *,
   and r are close; k2 is biased (its mean is the KL to second order) but has low variance.
 
   The clip is applied to the log ratio before any estimator (before k3's exp), so every value
-  and gradient is finite for finite inputs: k3 <= e^M - M - 1 (about 4.9e8 at the default
-  M = 20, where the probability ratio is 4.9e8), and tokens beyond the clip get zero gradient.
-  ``None`` disables the clip (k3 is then +inf and its gradient NaN-free only for d < ~88).
-  k3 is summed as its Taylor series for |d| < 0.5, so it keeps full relative precision near 0.
-  Identical inputs give exactly 0 and a gradient of exactly 0. Gradients flow into both
-  arguments; stop the reference's yourself (``jax.lax.stop_gradient``) if it is not frozen.
+  and gradient is finite for finite inputs: k3 <= e^M - M - 1 (4.9e8 at the default M = 20,
+  a probability ratio of 4.9e8), and tokens beyond the clip get zero gradient. ``None``
+  disables the clip; k3 then overflows to inf for d > ~88 in float32. k3 is summed as its
+  Taylor series for |d| < 0.5, so it keeps full relative precision near 0. Identical inputs give
+  exactly 0 (k2 and k3 with a gradient of exactly 0; k1's gradient is 1 for ``logp`` and -1 for
+  ``ref_logp`` everywhere inside the clip). Gradients flow into both arguments; stop the
+  reference's yourself (``jax.lax.stop_gradient``) if it is not frozen.
 
   Args:
     logp: the student's log-probabilities of the sampled tokens, e.g. ``[B, T]``, any float dtype.

@@ -31,3 +31,11 @@ def test_cli_prints_table_and_writes_plot(tmp_path):
   assert "20.6x | 57.7x | 77.0x | 85.4x" in out
   assert "tau = 1" in out
   assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_readme_quotes_the_current_table():
+  import pathlib
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+  table = diag.render(diag.table(diag.per_position_kl()), 0.5).split("\n\n")[0]
+  for row in table.splitlines()[2:]:
+    assert row in readme, row
