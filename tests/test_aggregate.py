@@ -149,8 +149,8 @@ def test_jit_vmap_grad_invariance(rng):
     eager = f(x, mask)
     np.testing.assert_allclose(jax.jit(f)(x, mask), eager, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(jax.vmap(f)(x, mask), eager, rtol=1e-5, atol=1e-7)
-    g = jax.grad(lambda v: f(v, mask).sum())(x)
-    gv = jax.vmap(jax.grad(lambda v, m: f(v, m)))(x, mask)
+    g = jax.jit(jax.grad(lambda v: f(v, mask).sum()))(x)
+    gv = jax.jit(jax.vmap(jax.grad(lambda v, m: f(v, m))))(x, mask)
     np.testing.assert_allclose(g, gv, rtol=1e-5, atol=1e-7)
 
 
@@ -206,12 +206,13 @@ def test_constant_input_is_exact(how):
   np.testing.assert_array_equal(ka.aggregate(jnp.full((2, 37), c), how), c)
 
 
-values = hnp.arrays(np.float32, st.integers(1, 40),
+# Few distinct lengths: each new shape costs a compilation.
+values = hnp.arrays(np.float32, st.sampled_from([1, 2, 7, 40]),
                     elements=st.floats(0, 100, width=32, allow_subnormal=False))
 LEVEL_NAMES = ("p50", "p95", "soft_p95", "soft_p50", "cvar95", "cvar50")
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(values, st.sampled_from(NAMES + LEVEL_NAMES), st.randoms(use_true_random=False))
 def test_property_permutation_invariance_and_bounds(x, how, r):
   kw = {"p": 2.0} if how == "power_mean" else {}
@@ -223,7 +224,7 @@ def test_property_permutation_invariance_and_bounds(x, how, r):
   assert lo - 1e-4 * (1 + abs(lo)) <= v <= float(x.max()) * (1 + 1e-5) + 1e-4
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(values, st.sampled_from(NAMES + LEVEL_NAMES), st.integers(0, 39),
        st.floats(0.0, 10.0, width=32))
 def test_property_non_decreasing_in_each_entry(x, how, i, bump):
@@ -235,7 +236,7 @@ def test_property_non_decreasing_in_each_entry(x, how, i, bump):
   assert after >= before - 1e-5 * (1 + abs(before))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(values, st.sampled_from(NAMES + LEVEL_NAMES), st.integers(0, 2 ** 32 - 1))
 def test_property_mask_equals_slicing(x, how, seed):
   kw = {"p": 2.0} if how == "power_mean" else {}
