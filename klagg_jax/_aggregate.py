@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtr
 
-from klagg_jax import _checks
+from klagg_jax import _checks, _sharding
 
 Aggregator = Callable[..., jax.Array]
 
@@ -39,7 +39,8 @@ def _prepare(x: jax.typing.ArrayLike, where: Any, axis: int | None):
     mask = jnp.ones(x.shape, bool)
   x = x.astype(_checks.compute_dtype(x))
   if ax is None:
-    x, mask = x.reshape(-1), mask.reshape(-1)
+    minor = range(1, x.ndim)  # flattening keeps only a sharded major axis
+    x, mask = _sharding.unshard(x, minor).reshape(-1), _sharding.unshard(mask, minor).reshape(-1)
   else:
     x, mask = jnp.moveaxis(x, ax, -1), jnp.moveaxis(mask, ax, -1)
   # Masked entries become 0 before any arithmetic: NaN padding can then reach neither the
@@ -68,7 +69,7 @@ def _masked_max(x: jax.Array, mask: jax.Array, count: jax.Array) -> jax.Array:
 
 def _sorted_valid(x: jax.Array, mask: jax.Array) -> jax.Array:
   """Sorts along the last axis with masked entries (as +inf) placed after the valid ones."""
-  return jnp.sort(jnp.where(mask, x, jnp.inf), axis=-1)
+  return jnp.sort(_sharding.unshard(jnp.where(mask, x, jnp.inf), [-1]), axis=-1)
 
 
 def _weighted_order_statistics(xs: jax.Array, w: jax.Array, valid_rank: jax.Array,

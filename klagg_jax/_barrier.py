@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from klagg_jax import _aggregate, _checks, _divergence
+from klagg_jax import _aggregate, _checks, _divergence, _sharding
 
 HINGES = ("relu", "squared", "softplus")
 
@@ -53,7 +53,9 @@ def kl_barrier(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *
                stop_ref_grad: bool = True, temperature: float | jax.Array = 1.0,
                beta: float = 0.5, chunk_size: int | None = None,
                agg_kwargs: dict[str, Any] | None = None,
-               hinge_kwargs: dict[str, Any] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+               hinge_kwargs: dict[str, Any] | None = None,
+               partition: _sharding.Partition | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Hinge penalty on an outlier-aware aggregate of the per-position divergence.
 
   loss = lam * mean_s hinge(agg_t(div_{s,t}) - tau): per sequence s by default (``axis=-1``),
@@ -77,6 +79,8 @@ def kl_barrier(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *
     chunk_size: positions per kernel chunk (``None``: the library chooses).
     agg_kwargs: extra keyword arguments for the aggregator (e.g. ``{"temperature": 0.5}``).
     hinge_kwargs: extra keyword arguments for :func:`hinge` (e.g. ``{"sharpness": 5.0}``).
+    partition: a :class:`klagg_jax.Partition` for batch- and vocabulary-sharded logits (see
+      :func:`kl_per_position`); the aggregation then sees only ``[..., T]`` per-position values.
 
   Returns:
     ``(loss, metrics)``: ``loss`` a float32 scalar; ``metrics`` float32 scalars without gradient:
@@ -100,7 +104,7 @@ def kl_barrier(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *
   agg_kwargs = dict(agg_kwargs or {})
   kl = _divergence.per_position(logits, ref_logits, direction=direction, where=where,
                                 temperature=temperature, beta=beta, chunk_size=chunk_size,
-                                ref_grad=not stop_ref_grad)
+                                ref_grad=not stop_ref_grad, partition=partition)
   mask = _checks.check_where(where, kl.shape, "positions (logits.shape[:-1])")
   mask = jnp.ones(kl.shape, bool) if mask is None else mask
   div = aggregator(kl, where=mask, axis=axis, **agg_kwargs)

@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from klagg_jax._sharding import match_varying
+
 # Bytes of one float32 [chunk, V] block the default chunking aims at, per backend: on CPU a
 # block that stays in the L2 cache across the kernel's passes; on accelerators large enough to
 # fill the device, still far below an [N, V] array.
@@ -87,8 +89,12 @@ def scan_row_chunks(body: RowBody, rows: Sequence[jax.Array], chunk: int,
     part = [_slice_rows(r, start, chunk) for r in rows]
     return start, part, start + offsets >= i * chunk
 
-  out_shapes = jax.eval_shape(lambda p, f, c: body(p, f, c)[1], take(0)[1], take(0)[2], carry)
-  outs0 = [jnp.zeros((n,) + s.shape[1:], s.dtype) for s in out_shapes]
+  _, part0, fresh0 = take(0)
+  carry_shapes, out_shapes = jax.eval_shape(body, part0, fresh0, carry)
+  # Inside shard_map, start the loop state varying over the mesh axes the body makes it vary
+  # over (the loop's carry type must not change); a no-op elsewhere.
+  outs0 = [match_varying(jnp.zeros((n,) + s.shape[1:], s.dtype), s) for s in out_shapes]
+  carry = jax.tree.map(match_varying, carry, carry_shapes)
 
   def step(i, state):
     carry, outs = state

@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from klagg_jax import _checks
+from klagg_jax import _checks, _sharding
 from klagg_jax._chunked import resolve_chunk_rows, scan_row_chunks
 
 DIRECTIONS = ("reverse", "forward", "js")
@@ -214,7 +214,8 @@ divergence_rows.defvjp(_rows_fwd, _rows_bwd)
 
 
 def per_position(logits, ref_logits, *, direction, where, temperature, beta, chunk_size,
-                 ref_grad: bool = True, vocab_axis: str | None = None) -> jax.Array:
+                 ref_grad: bool = True, vocab_axis: str | None = None,
+                 partition: _sharding.Partition | None = None) -> jax.Array:
   """:func:`kl_per_position` with the internal switches the barrier and sharded paths use."""
   logits, ref_logits = jnp.asarray(logits), jnp.asarray(ref_logits)
   _checks.check_float("logits", logits)
@@ -225,6 +226,19 @@ def per_position(logits, ref_logits, *, direction, where, temperature, beta, chu
   temp = _checks.check_positive_if_static("temperature", temperature)
   lead, vocab = logits.shape[:-1], logits.shape[-1]
   mask = _checks.check_where(where, lead, "positions (logits.shape[:-1])")
+  layout = None if vocab_axis else _sharding.resolve(
+      partition, lead, vocab, position_inputs=(logits, ref_logits, mask),
+      vocab_inputs=((logits, -1), (ref_logits, -1)))
+  if layout is not None:  # each device runs this function on its own blocks
+
+    def local(a, b, m, t):
+      return per_position(a, b, direction=direction, where=m, beta=beta, chunk_size=chunk_size,
+                          temperature=temperature if t is None else t, ref_grad=ref_grad,
+                          vocab_axis=layout.vocab)
+
+    t = None if temp is not None else jnp.asarray(temperature)
+    return _sharding.shard(local, layout, (logits, ref_logits, mask, t),
+                           (layout.logits(), layout.logits(), layout.positions(), layout.scalar()))
   n = math.prod(lead)
   a, b = logits.reshape(n, vocab), ref_logits.reshape(n, vocab)
   mask = jnp.ones((n,), bool) if mask is None else mask.reshape(n)
@@ -245,7 +259,8 @@ def per_position(logits, ref_logits, *, direction, where, temperature, beta, chu
 def kl_per_position(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *,
                     direction: str = "reverse", where: jax.typing.ArrayLike | None = None,
                     temperature: float | jax.Array = 1.0, beta: float = 0.5,
-                    chunk_size: int | None = None) -> jax.Array:
+                    chunk_size: int | None = None,
+                    partition: _sharding.Partition | None = None) -> jax.Array:
   """Divergence between the student's and the reference's next-token distributions, per position.
 
   With p = softmax(logits / T) and r = softmax(ref_logits / T) over the last axis:
@@ -268,17 +283,25 @@ def kl_per_position(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLi
       where their logits are NaN or inf.
     temperature: T > 0 dividing both logits; may be traced (then differentiable).
     beta: weight of the reference in ``"js"``, a static number in [0, 1].
-    chunk_size: positions per chunk; ``None`` lets the library choose (memory-bounded).
+    chunk_size: positions per chunk (per device when sharded); ``None`` lets the library
+      choose (memory-bounded).
+    partition: a :class:`klagg_jax.Partition` naming the mesh axes the batch and the vocabulary
+      are split over, to run on each device's blocks without gathering logits. ``None`` reads
+      the layout off the inputs where JAX knows it (``Explicit`` mesh axes), else runs as one
+      program.
 
   Returns:
-    float32 array of shape ``logits.shape[:-1]`` (float64 for float64 inputs with x64 on).
+    float32 array of shape ``logits.shape[:-1]`` (float64 for float64 inputs with x64 on);
+    sharded over the batch axis when the inputs are.
 
   Raises:
     ValueError: for a shape mismatch, V == 0, an unknown direction, beta outside [0, 1], a
-      static temperature <= 0, a bad ``where`` or ``chunk_size``.
+      static temperature <= 0, a bad ``where`` or ``chunk_size``, or a ``partition`` whose
+      axes are not in the mesh or do not divide the shapes.
 
   Example:
     >>> kl = ka.kl_per_position(student_logits, base_logits, where=completion_mask)  # [B, T]
   """
   return per_position(logits, ref_logits, direction=direction, where=where,
-                      temperature=temperature, beta=beta, chunk_size=chunk_size)
+                      temperature=temperature, beta=beta, chunk_size=chunk_size,
+                      partition=partition)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
-from klagg_jax import _checks, _divergence
+from klagg_jax import _checks, _divergence, _sharding
 from klagg_jax._chunked import resolve_chunk_rows, scan_row_chunks
 
 WEIGHT_LAYOUTS = ("dv", "vd")
@@ -181,7 +181,8 @@ def fused_linear_kl(hidden: jax.typing.ArrayLike, weight: jax.typing.ArrayLike,
                     bias: jax.typing.ArrayLike | None = None,
                     ref_bias: jax.typing.ArrayLike | None = None, temperature: float = 1.0,
                     beta: float = 0.5, chunk_size: int | None = None,
-                    weight_layout: str = "dv") -> jax.Array:
+                    weight_layout: str = "dv",
+                    partition: _sharding.Partition | None = None) -> jax.Array:
   """Per-position divergence with logits = hidden @ weight + bias, never materializing ``[N, V]``.
 
   Same semantics as :func:`kl_per_position` applied to ``hidden @ weight + bias`` and
@@ -203,11 +204,17 @@ def fused_linear_kl(hidden: jax.typing.ArrayLike, weight: jax.typing.ArrayLike,
     ref_bias: optional reference bias ``[V]``.
     temperature: static T > 0 dividing both logits.
     beta: reference weight of ``"js"``, static in [0, 1].
-    chunk_size: rows per chunk; ``None`` lets the library choose.
+    chunk_size: rows per chunk (per device when sharded); ``None`` lets the library choose.
     weight_layout: ``"dv"`` or ``"vd"``.
+    partition: a :class:`klagg_jax.Partition`: ``batch_axis`` splits the first axis of
+      ``hidden`` / ``ref_hidden``, ``vocab_axis`` the V axis of the weights and biases (a
+      tensor-parallel LM head). Each device makes only its ``[rows, V / shards]`` logits blocks;
+      the weight gradient stays vocabulary-sharded, the hidden gradient is summed over the
+      vocabulary shards. ``None`` reads the layout off the inputs where JAX knows it
+      (``Explicit`` mesh axes).
 
   Returns:
-    float32 array of shape ``hidden.shape[:-1]``.
+    float32 array of shape ``hidden.shape[:-1]`` (sharded over the batch axis when it is).
 
   Raises:
     ValueError: for mismatched shapes (naming both), an unknown direction or layout, beta
@@ -235,15 +242,41 @@ def fused_linear_kl(hidden: jax.typing.ArrayLike, weight: jax.typing.ArrayLike,
     raise ValueError("fused_linear_kl needs a static temperature (a Python number); got a traced "
                      "value. Scale hidden or weight instead.")
   lead = hidden.shape[:-1]
-  n = math.prod(lead)
   mask = _checks.check_where(where, lead, "positions (hidden.shape[:-1])")
-  mask = jnp.ones((n,), bool) if mask is None else mask.reshape(n)
-  if n == 0:
+  if math.prod(lead) == 0:
     return jnp.zeros(lead, jnp.float32)
+  v_axis = 1 if weight_layout == "dv" else 0
+  layout = _sharding.resolve(partition, lead, vocab, position_inputs=(hidden, ref_hidden, mask),
+                             vocab_inputs=((weight, v_axis), (ref_weight, v_axis), (bias, 0),
+                                           (ref_bias, 0)))
+  kernel = functools.partial(_linear_rows, direction=direction, beta=beta, temp=temp,
+                             chunk_size=chunk_size, weight_layout=weight_layout,
+                             vocab_axis=None if layout is None else layout.vocab)
+  args = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask)
+  if layout is None:
+    return kernel(*args)
+  # Each device runs the kernel on its blocks. Its d hidden is partial over the vocabulary
+  # shards and its d weight / d bias over the batch shards: casting those inputs to vary there
+  # makes shard_map's transpose psum the partial gradients.
+  w_spec, b_spec = layout.vocab_matrix(weight_layout), layout.vocab_vector()
+  return _sharding.shard(kernel, layout, args,
+                         (layout.rows(), w_spec, b_spec, layout.rows(), w_spec, b_spec,
+                          layout.positions()),
+                         vary=(layout.vocab_axes, layout.lead_axes, layout.lead_axes, (), (), (),
+                               ()))
+
+
+def _linear_rows(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, direction,
+                 beta, temp, chunk_size, weight_layout, vocab_axis):
+  """The fused kernel on (per-device) blocks; ``vocab_axis`` as in :class:`_divergence.Spec`."""
+  lead = hidden.shape[:-1]
+  n = math.prod(lead)
+  vocab = _vocab_of("weight", weight, weight_layout)[1]
+  mask = jnp.ones((n,), bool) if mask is None else mask.reshape(n)
   chunk = (default_fused_chunk(n, vocab) if chunk_size is None
            else resolve_chunk_rows(chunk_size, n, vocab))
   div_spec = _divergence.Spec(direction=direction, beta=beta, inv_temperature=1.0 / temp,
-                              chunk=chunk, ref_grad=False)
+                              chunk=chunk, ref_grad=False, vocab_axis=vocab_axis)
   spec = FusedSpec(chunk=chunk, weight_layout=weight_layout, inv_temperature=1.0 / temp,
                    block=LinearReference(div_spec, weight_layout))
   ref_rows = (jax.lax.stop_gradient(ref_hidden.reshape(n, -1)),)

@@ -1,0 +1,253 @@
+"""Inputs sharded over 8 simulated devices (a 2 x 4 ``data`` x ``model`` mesh): one device's answer.
+
+The device count is fixed when JAX starts, so the checks run in a child pytest process started
+with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (and ``KLAGG_SHARDING_CHILD=1``, which
+selects them); in the main session this module is one test that starts that process. Each check
+compares values and gradients with the unsharded computation (float32, 1e-5 relative) and reads
+the compiled program's HLO: no collective that moves data (all-gather, all-to-all,
+collective-permute) may produce anything logits-sized.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CHILD = os.environ.get("KLAGG_SHARDING_CHILD") == "1"
+
+
+if not CHILD:
+
+  def test_sharded_inputs_on_8_simulated_devices():
+    # LLVM optimization level 0: these small programs compile about twice as fast; the one-device
+    # references are compiled with the same flags.
+    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    env = dict(os.environ, KLAGG_SHARDING_CHILD="1",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", __file__],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+
+else:
+  import math
+  import re
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  import klagg_jax as ka
+
+  B, T, V, D = 4, 16, 256, 24
+  N_DEV = 8
+  LOGITS_BLOCK = B * T * V // N_DEV  # one device's share of the logits
+  EXPLICIT = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+  AUTO = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  LAYOUTS = {"batch": ("data", None), "vocab": (None, "model"), "both": ("data", "model")}
+  AGGS = ("mean", "rmse", "max", "p95", "soft_p95", "cvar95", "smooth_max", "power_mean")
+
+  def data(seed=0):
+    rng = np.random.default_rng(seed)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
+    return dict(a=2 * f(B, T, V), b=2 * f(B, T, V), mask=rng.random((B, T)) > 0.25, w=f(B, T),
+                h=f(B, T, D), rh=f(B, T, D), wt=f(D, V) / 3, rwt=f(D, V) / 3, bias=f(V),
+                rbias=f(V))
+
+  def put(x, mesh, *spec):
+    return jax.device_put(x, NamedSharding(mesh, P(*spec)))
+
+  def moved_elements(hlo: str) -> list[int]:
+    """Element counts of the results of the data-moving collectives in compiled HLO text."""
+    counts = []
+    for m in re.finditer(r"=\s*(.*?)\s(all-gather|all-to-all|collective-permute)(-start)?\(", hlo):
+      shapes = re.findall(r"[a-z]+\d*\[([\d,]*)\]", m.group(1))
+      counts += [math.prod(int(s) for s in dims.split(",") if s) for dims in shapes]
+    return counts
+
+  def run(fn, *args):
+    """(outputs, HLO text) of ``jit(fn)`` compiled for ``args``."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled(*args), compiled.as_text()
+
+  def assert_tree_close(got, want, what=""):
+    assert jax.tree.structure(got) == jax.tree.structure(want), what
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6, err_msg=what)
+
+  def test_runs_on_8_devices():
+    assert jax.device_count() == N_DEV
+
+  # ----------------------------------------------------------------------------------------------
+  # kl_per_position: explicit axes, layout read off the inputs.
+
+  @pytest.mark.parametrize("layout,chunk_size,direction", [
+      ("batch", None, "reverse"), ("batch", 12, "forward"), ("vocab", None, "js"),
+      ("vocab", 12, "reverse"), ("both", None, "forward"), ("both", 12, "js")])
+  def test_kl_per_position_matches_one_device(layout, chunk_size, direction):
+    p = data()
+    bs, vs = LAYOUTS[layout]
+
+    def f(a, b, mask, w):
+      kl, vjp = jax.vjp(lambda a, b: ka.kl_per_position(
+          a, b, where=mask, direction=direction, chunk_size=chunk_size), a, b)
+      return kl, vjp(w)
+
+    want = jax.jit(f)(p["a"], p["b"], p["mask"], p["w"])
+    args = (put(p["a"], EXPLICIT, bs, None, vs), put(p["b"], EXPLICIT, bs, None, vs),
+            put(p["mask"], EXPLICIT, bs, None), put(p["w"], EXPLICIT, bs, None))
+    (kl, (da, db)), hlo = run(f, *args)
+    assert_tree_close((kl, (da, db)), want)
+    assert kl.sharding.spec == P(bs, None)
+    assert da.sharding.spec == db.sharding.spec == P(bs, None, vs)
+    assert moved_elements(hlo) == []
+
+  def test_sequence_sharded_traced_temperature_host_mask():
+    # Positions split along T, ref_logits laid out otherwise (resharded), a host mask, a traced
+    # and differentiated temperature, a global quantile over the sequence-sharded values.
+    p = data(1)
+    f = lambda a, b, t: jax.grad(lambda a, t: ka.kl_barrier(
+        a, b, where=p["mask"], temperature=t, chunk_size=8, agg="cvar90", axis=None)[0],
+        (0, 1))(a, t)
+    want = jax.jit(f)(p["a"], p["b"], 0.7)
+    got, hlo = run(f, put(p["a"], EXPLICIT, None, "data", "model"),
+                   put(p["b"], EXPLICIT, None, None, "model"), jnp.float32(0.7))
+    assert_tree_close(got, want)
+    assert got[0].sharding.spec == P(None, "data", "model")
+    assert all(n < LOGITS_BLOCK for n in moved_elements(hlo))
+
+  # ----------------------------------------------------------------------------------------------
+  # kl_barrier: every aggregator, per sequence and over all tokens.
+
+  @pytest.mark.parametrize("axis", [-1, None])
+  def test_kl_barrier_every_aggregator_matches_one_device(axis):
+    p = data(2)
+
+    def f(a, b, mask):  # every aggregator in one program: one compilation
+      out = {}
+      for agg in AGGS:
+        kw = {"p": 3.0} if agg == "power_mean" else {}
+        loss = lambda a: ka.kl_barrier(a, b, where=mask, agg=agg, axis=axis, tau=0.05,
+                                       agg_kwargs=kw)
+        out[agg] = jax.value_and_grad(loss, has_aux=True)(a)
+      return out
+
+    want = jax.jit(f)(p["a"], p["b"], p["mask"])
+    got, hlo = run(f, put(p["a"], EXPLICIT, "data", None, "model"),
+                   put(p["b"], EXPLICIT, "data", None, "model"),
+                   put(p["mask"], EXPLICIT, "data", None))
+    for agg in AGGS:
+      assert_tree_close(got[agg], want[agg], agg)  # ((loss, metrics), gradient)
+      assert got[agg][1].sharding.spec == P("data", None, "model"), agg
+    # Per sequence nothing is gathered; global quantiles gather the B * T per-position values.
+    moved = moved_elements(hlo)
+    assert moved == [] if axis == -1 else all(n <= B * T for n in moved)
+
+  # ----------------------------------------------------------------------------------------------
+  # fused_linear_kl: weight split over the vocabulary, hidden over the batch.
+
+  @pytest.mark.parametrize("layout,chunk_size,weight_layout", [
+      ("batch", None, "dv"), ("vocab", 12, "dv"), ("both", 12, "vd")])
+  def test_fused_linear_kl_matches_one_device(layout, chunk_size, weight_layout):
+    p = data(3)
+    bs, vs = LAYOUTS[layout]
+    t = (lambda x: x) if weight_layout == "dv" else (lambda x: x.T)
+    w_spec = (None, vs) if weight_layout == "dv" else (vs, None)
+
+    def f(h, wt, bias, rh, rwt, rbias, mask, w):
+      def loss(h, wt, bias):
+        kl = ka.fused_linear_kl(h, wt, rh, rwt, bias=bias, ref_bias=rbias, where=mask,
+                                direction="js", chunk_size=chunk_size,
+                                weight_layout=weight_layout)
+        return (kl * w).sum()
+      return jax.value_and_grad(loss, (0, 1, 2))(h, wt, bias)
+
+    host = (p["h"], t(p["wt"]), p["bias"], p["rh"], t(p["rwt"]), p["rbias"], p["mask"], p["w"])
+    want = jax.jit(f)(*host)
+    specs = ((bs, None, None), w_spec, (vs,), (bs, None, None), w_spec, (vs,), (bs, None),
+             (bs, None))
+    (value, (dh, dwt, dbias)), hlo = run(f, *[put(x, EXPLICIT, *s) for x, s in zip(host, specs)])
+    assert_tree_close((value, (dh, dwt, dbias)), want)
+    assert dh.sharding.spec == P(bs, None, None)
+    assert dwt.sharding.spec == P(*w_spec) and dbias.sharding.spec == P(vs)
+    assert all(n < LOGITS_BLOCK for n in moved_elements(hlo))
+
+  # ----------------------------------------------------------------------------------------------
+  # Auto axes (classic GSPMD): the layout comes from partition=.
+
+  def test_auto_axes_with_partition_argument():
+    p = data(4)
+    part = ka.Partition(AUTO, batch_axis="data", vocab_axis="model")
+
+    def f(a, b, mask, h, wt, rh, rwt, part=None):
+      barrier = jax.value_and_grad(lambda a: ka.kl_barrier(
+          a, b, where=mask, agg="p95", axis=None, chunk_size=8, partition=part)[0])(a)
+      fused = jax.grad(lambda h, wt: ka.rmse(ka.fused_linear_kl(
+          h, wt, rh, rwt, where=mask, chunk_size=8, partition=part)).mean(), (0, 1))(h, wt)
+      return barrier, fused
+
+    host = (p["a"], p["b"], p["mask"], p["h"], p["wt"], p["rh"], p["rwt"])
+    want = jax.jit(f)(*host)
+    specs = (("data", None, "model"),) * 2 + (("data", None),) + (("data", None, None),
+             (None, "model")) * 2
+    got, hlo = run(lambda *x: f(*x, part=part), *[put(x, AUTO, *s) for x, s in zip(host, specs)])
+    assert_tree_close(got, want)
+    (_, d_logits), (d_hidden, d_weight) = got
+    assert d_logits.sharding.spec == P("data", None, "model")
+    assert d_weight.sharding.spec == P(None, "model")
+    assert all(n <= B * T for n in moved_elements(hlo))
+
+  def test_partition_takes_the_mesh_of_set_mesh():
+    p = data(5)
+    part = ka.Partition(batch_axis="data", vocab_axis="model")
+    want = ka.kl_per_position(p["a"], p["b"], chunk_size=8)
+    sharded = [put(x, AUTO, "data", None, "model") for x in (p["a"], p["b"])]
+    with jax.set_mesh(AUTO):
+      got = jax.jit(lambda a, b: ka.kl_per_position(a, b, chunk_size=8, partition=part))(*sharded)
+    assert_tree_close(got, want)
+
+  def test_inside_a_user_shard_map_reduces_over_the_vocab_axis():
+    p = data(6)
+    part = ka.Partition(vocab_axis="model")
+    want = jax.grad(lambda a: ka.kl_per_position(a, p["b"], chunk_size=8).sum())(p["a"])
+
+    def local(a, b):  # the user's own per-device code: blocks [B/2, T, V/4]
+      return ka.kl_per_position(a, b, chunk_size=8, partition=part)
+
+    mapped = jax.shard_map(local, mesh=AUTO, in_specs=P("data", None, "model"),
+                           out_specs=P("data", None))
+    got = jax.jit(jax.grad(lambda a, b: mapped(a, b).sum()))(p["a"], p["b"])
+    assert_tree_close(got, want)
+
+  @pytest.mark.parametrize("part,match", [
+      (ka.Partition(AUTO, batch_axis="rows"), "not in the mesh"),
+      (ka.Partition(AUTO, batch_axis="model", vocab_axis="model"), "used twice"),
+      (ka.Partition(AUTO, batch_axis=("data", "model")), "Position axis 0"),
+  ])
+  def test_bad_partition_raises(part, match):
+    p = data()
+    with pytest.raises(ValueError, match=match):
+      ka.kl_per_position(p["a"][:2], p["b"][:2], partition=part)
+
+  def test_bad_partition_axis_type_raises():
+    with pytest.raises(ValueError, match="vocab_axis"):
+      ka.Partition(AUTO, vocab_axis=3)
+
+  # ----------------------------------------------------------------------------------------------
+  # README's "Scaling out" example runs as written.
+
+  def test_readme_scaling_out_example_runs(capsys):
+    section = (ROOT / "README.md").read_text().split("## Scaling out", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    exec(compile(code, "README.md (Scaling out)", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("P('data', None, 'model')")
+    assert out[1] == "P('data', None, None) P(None, 'model')"
+    assert out[0].split()[0] == out[2]  # the same loss on Auto axes with partition=
