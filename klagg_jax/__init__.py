@@ -12,24 +12,40 @@ from klagg_jax._aggregate import smooth_max as smooth_max
 from klagg_jax._aggregate import soft_quantile as soft_quantile
 from klagg_jax._barrier import hinge as hinge
 from klagg_jax._barrier import kl_barrier as kl_barrier
+from klagg_jax._calibrate import calibrate_tau as calibrate_tau
+from klagg_jax._calibrate import grad_pressure as grad_pressure
+from klagg_jax._calibrate import separation as separation
 from klagg_jax._divergence import kl_per_position as kl_per_position
+from klagg_jax._estimators import kl_estimate as kl_estimate
 from klagg_jax._fused import fused_linear_kl as fused_linear_kl
+from klagg_jax._sharding import Partition as Partition
+from klagg_jax._topk import fused_linear_kl_topk as fused_linear_kl_topk
+from klagg_jax._topk import kl_topk as kl_topk
+from klagg_jax._topk import topk_logprobs as topk_logprobs
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Partition",
     "aggregate",
+    "calibrate_tau",
     "cvar",
     "fused_linear_kl",
+    "fused_linear_kl_topk",
+    "grad_pressure",
     "hinge",
     "kl_barrier",
+    "kl_estimate",
     "kl_per_position",
+    "kl_topk",
     "max",
     "maximum",
     "mean",
     "power_mean",
     "quantile",
     "rmse",
+    "separation",
     "smooth_max",
     "soft_quantile",
+    "topk_logprobs",
 ]

@@ -103,7 +103,7 @@ def _fused_bwd(spec, residuals, g):
     dz = jnp.where(m_c[:, None], dz * (g_c.astype(dtype) * scale)[:, None], 0.0)
     # Rows already seen by an earlier (overlapping) chunk add nothing to the sums.
     dz_new = jnp.where(fresh[:, None], dz, 0.0)
-    h32 = h_c.astype(dtype)
+    h32 = jnp.where(m_c[:, None], h_c.astype(dtype), 0.0)  # NaN padding must not reach d weight
     if spec.weight_layout == "dv":
       d_h = jax.lax.dot_general(dz, weight, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
       d_weight = d_weight + jax.lax.dot_general(h32, dz_new, (((0,), (0,)), ((), ())))

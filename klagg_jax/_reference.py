@@ -113,3 +113,62 @@ def soft_quantile(x, q, where=None, axis=-1, bandwidth=1.0, grid=400001):
     w = np.exp(-0.5 * ((t - h) / sigma) ** 2)
     return float(np.sum(w * np.interp(t, np.arange(n), v)) / np.sum(w))
   return _apply(one, x, where, axis)
+
+
+# ------------------------------------------------------------------------------------------------
+# Distillation from a stored teacher: both distributions coarsened onto k stored entries + a tail.
+
+
+def _masked_logsumexp(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
+  """log sum_{v: keep} exp(x_v) over the last axis in float64; -inf for an empty selection."""
+  x = np.where(keep, np.asarray(x, np.float64), -np.inf)
+  m = np.max(x, axis=-1, keepdims=True)
+  m = np.where(np.isfinite(m), m, 0.0)
+  with np.errstate(divide="ignore"):
+    return (m + np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True)))[..., 0]
+
+
+def _outside(indices: np.ndarray, vocab: int) -> np.ndarray:
+  """Boolean ``[..., V]``: True at the entries a row's ``indices`` do not name."""
+  indices = np.asarray(indices)
+  keep = np.ones(indices.shape[:-1] + (vocab,), bool)
+  np.put_along_axis(keep, indices.astype(np.int64), False, axis=-1)
+  return keep
+
+
+def topk_logprobs(ref_logits, k, temperature=1.0):
+  """(top-k log-probs sorted decreasing, their indices, log of the mass outside them), float64."""
+  lr = log_softmax(np.asarray(ref_logits, np.float64) / temperature)
+  order = np.argsort(-lr, axis=-1, kind="stable")[..., :k]
+  values = np.take_along_axis(lr, order, axis=-1)
+  return values, order, _masked_logsumexp(lr, _outside(order, lr.shape[-1]))
+
+
+def kl_topk(logits, ref_logprobs, ref_indices, ref_tail=None, direction="forward", where=None,
+            temperature=1.0, beta=0.5) -> np.ndarray:
+  """The divergence between student and teacher coarsened onto the k stored entries + one tail.
+
+  Student: its log-probs at the stored entries and the log of its mass elsewhere. Teacher: the
+  stored log-probs and ``ref_tail`` (else log(1 - sum exp(ref_logprobs))), renormalized over the
+  k + 1 cells. With k = V both tails are empty. Then the full-vocabulary formula on k + 1 cells.
+  """
+  lp = log_softmax(np.asarray(logits, np.float64) / temperature)
+  vocab = lp.shape[-1]
+  lr = np.asarray(ref_logprobs, np.float64)
+  idx = np.asarray(ref_indices).astype(np.int64)
+  k = lr.shape[-1]
+  student_kept = np.take_along_axis(lp, idx, axis=-1)
+  if k == vocab:
+    student_tail = np.full(lp.shape[:-1], -np.inf)
+    teacher_tail = np.full(lp.shape[:-1], -np.inf)
+  else:
+    student_tail = _masked_logsumexp(lp, _outside(idx, vocab))
+    if ref_tail is None:
+      mass = np.exp(_masked_logsumexp(lr, np.ones(lr.shape, bool)))
+      with np.errstate(divide="ignore"):
+        teacher_tail = np.log(np.maximum(1.0 - mass, 0.0))
+    else:
+      teacher_tail = np.asarray(ref_tail, np.float64)
+  student = np.concatenate([student_kept, student_tail[..., None]], axis=-1)
+  teacher = np.concatenate([lr, teacher_tail[..., None]], axis=-1)
+  return kl_per_position(student, teacher, direction, where=where, beta=beta)

@@ -55,10 +55,10 @@ def test_masked_positions_ignore_garbage(problem):
   p = problem
   h = p["h"].copy()
   h[~p["mask"]] = np.nan
-  value, g = jax.value_and_grad(
-      lambda x: ka.fused_linear_kl(x, p["w"], p["rh"], p["rw"], where=p["mask"],
-                                   chunk_size=3).sum())(h)
-  assert np.isfinite(value) and np.isfinite(g).all()
+  value, (g, g_w) = jax.value_and_grad(
+      lambda x, w: ka.fused_linear_kl(x, w, p["rh"], p["rw"], where=p["mask"],
+                                      chunk_size=3).sum(), (0, 1))(h, p["w"])
+  assert np.isfinite(value) and np.isfinite(g).all() and np.isfinite(g_w).all()
   np.testing.assert_array_equal(np.asarray(g)[~p["mask"]], 0.0)
 
 
