@@ -39,7 +39,7 @@ class Config:
     # Prompts and completions (bytes).
     prompt_len: int = 32
     completion_len: int = 64
-    temperature: float = 1.0  # sampling temperature everywhere (barrier data, calibration, eval)
+    temperature: float = 0.8  # sampling temperature everywhere (barrier data, calibration, eval)
     # Steering target: completions that keep returning to one phrase.
     phrase: str = "by the way"
     gap_min: int = 8  # bytes of ordinary text between two insertions of the phrase, at least
@@ -52,9 +52,9 @@ class Config:
     sft_batch: int = 16
     barrier_batch: int = 16
     barrier_pool: int = 64  # completions sampled from the student at the start of every round
-    # Self-training from round 2 on: this share of every SFT minibatch comes from the pool's
-    # ``select_top`` completions with the most occurrences of the phrase (rejection sampling).
-    self_mix: float = 0.0
+    # Self-training from round 2 on: up to this share of every SFT minibatch comes from the pool's
+    # completions that hold the phrase (at most ``select_top``, most occurrences first).
+    self_mix: float = 1.0
     select_top: int = 16
     # Barrier: shared fire rate (for calibrate_tau) and shared lam.
     fire_rate: float = 0.05
@@ -62,7 +62,7 @@ class Config:
     calib_size: int = 128  # base-model completions used to calibrate tau
     # Evaluation every round.
     n_eval: int = 96  # held-out prompts, completions sampled once per round
-    heldout_batches: int = 4  # of ``base.batch`` windows of ``base.seq_len`` bytes
+    heldout_batches: int = 2  # of ``base.batch`` windows of ``base.seq_len`` bytes
     coherence_threshold: float = 0.10  # loop rate above which a round counts as collapsed
     arms: tuple[str, ...] = ARMS
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -78,8 +78,8 @@ FULL = Config(name="full")
 QUICK = Config(
     name="quick",
     base=BaseConfig(
-        model=ModelConfig(d_model=48, n_layers=2, n_heads=4, context=96),
-        steps=300, batch=16, seq_len=96, lr=4e-3, warmup=30,
+        model=ModelConfig(d_model=64, n_layers=2, n_heads=4, context=72),
+        steps=300, batch=16, seq_len=72, lr=5e-3, warmup=30,
     ),
     prompt_len=24, completion_len=48, n_steer_examples=256,
     rounds=3, steps_per_round=10, barrier_pool=32, calib_size=32,

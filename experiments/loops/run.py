@@ -45,6 +45,7 @@ class Experiment:
             self.corpus.heldout, cfg.prompt_len, cfg.n_eval, np.random.default_rng(2024))
         self.mask = np.asarray(steer.completion_mask(cfg, 1))[0]
         self.phrase = cfg.phrase.encode("ascii")
+        self._steps = {}
 
     # ---- evaluation -------------------------------------------------------------------------
     def evaluate(self, params, seed: int, rnd: int) -> dict:
@@ -52,11 +53,8 @@ class Experiment:
         key = jax.random.fold_in(jax.random.key(10_000 + seed), rnd)
         comps = steer.sample_completions(self.graphdef, params, self.eval_prompts, self.cfg, key)
         tokens = np.concatenate([self.eval_prompts, comps], axis=1)
-        kl = ka.kl_per_position(
-            steer.logits_of(self.graphdef, params, tokens),
-            steer.logits_of(self.graphdef, self.base_params, tokens),
-            where=jnp.asarray(np.broadcast_to(self.mask, (len(tokens), len(self.mask)))),
-        )
+        kl = steer.kl_to_base(self.graphdef, params, self.base_params, tokens,
+                              np.broadcast_to(self.mask, (len(tokens), len(self.mask))))
         looped = np.array([metrics.has_loop(c) for c in comps])
         held = float(self.eval_loss(params, self.heldout))
         return {
@@ -68,7 +66,7 @@ class Experiment:
             "longest_repeat_mean": float(np.mean([metrics.longest_repeat(c)[0] for c in comps])),
             "examples": [data.decode(c) for c in comps[:3]],
             # Kept for the detection analysis after calibration, dropped before writing JSON.
-            "_kl": np.asarray(kl)[:, self.mask],
+            "_kl": kl[:, self.mask],
             "_looped": looped,
         }
 
@@ -88,19 +86,22 @@ class Experiment:
             pool = jnp.asarray(np.concatenate([prompts, comps], axis=1))
             pool_ref = steer.logits_of(self.graphdef, self.base_params, pool)
             chosen = steer.select(np.asarray(pool), comps, self.phrase, cfg.select_top)
-            n_own = int(round(cfg.self_mix * cfg.sft_batch)) if rnd > 1 else 0
+            share = cfg.self_mix * len(chosen) / cfg.select_top if rnd > 1 else 0.0
+            n_own = int(round(share * cfg.sft_batch))
             stats = []
             for _ in range(cfg.steps_per_round):
-                i = rng.integers(0, len(self.steer_set), cfg.sft_batch - n_own)
-                k = rng.integers(0, len(chosen), n_own)
-                sft = np.concatenate([self.steer_set[i], chosen[k]])
+                # Fixed-size draws keep the random streams of all arms in step.
+                i = rng.integers(0, len(self.steer_set), cfg.sft_batch)
+                k = rng.integers(0, cfg.select_top, cfg.sft_batch)
                 j = rng.integers(0, cfg.barrier_pool, cfg.barrier_batch)
+                own = chosen[k[:n_own] % max(len(chosen), 1)]
+                sft = np.concatenate([self.steer_set[i[n_own:]], own])
                 params, opt_state, s = step(params, opt_state, jnp.asarray(sft),
                                             pool[j], pool_ref[j])
                 stats.append(s)
             train = {k: float(np.mean([float(s[k]) for s in stats])) for k in stats[0]}
             rec = self.evaluate(params, seed, rnd)
-            rec["train"] = train
+            rec["train"] = {**train, "own_share": n_own / cfg.sft_batch}
             records.append(rec)
             if rnd == snapshot_round:
                 snapshot = params
@@ -112,8 +113,7 @@ class Experiment:
         return records, snapshot
 
     def _step(self, arm):
-        if not hasattr(self, "_steps"):
-            self._steps = {}
+        """The jitted step of ``arm``, compiled once and reused by every seed."""
         if arm not in self._steps:
             self._steps[arm] = steer.make_step(self.graphdef, self.cfg, arm)
         return self._steps[arm]
@@ -128,9 +128,7 @@ class Experiment:
                                          jax.random.key(777))
         tokens = np.concatenate([prompts, comps], axis=1)
         where = jnp.asarray(np.broadcast_to(self.mask, (len(tokens), len(self.mask))))
-        kl = ka.kl_per_position(steer.logits_of(self.graphdef, student, tokens),
-                                steer.logits_of(self.graphdef, self.base_params, tokens),
-                                where=where)
+        kl = jnp.asarray(steer.kl_to_base(self.graphdef, student, self.base_params, tokens, where))
         taus = {agg: float(ka.calibrate_tau(kl, agg=agg, where=where, fire_rate=cfg.fire_rate))
                 for agg in BARRIER_AGGS}
         return {
@@ -140,7 +138,7 @@ class Experiment:
         }
 
 
-def detection(runs: dict, taus: dict, mask_len: int) -> dict:
+def detection(runs: dict, taus: dict) -> dict:
     """For every barrier aggregator at its tau: how often it would fire on looping vs clean
     held-out completions, pooled over every arm, seed and round >= 1."""
     kls = [r["_kl"] for arm in runs.values() for recs in arm.values() for r in recs[1:]]
@@ -209,20 +207,21 @@ def run(cfg: Config, out_dir, cache_dir=HERE / "cache", log=print) -> dict:
         },
         "base": {k: v for k, v in exp.base_info.items() if k != "config"},
         "calibration": calib,
-        "detection": detection(runs, calib["taus"], len(exp.mask)),
+        "detection": detection(runs, calib["taus"]),
         "runs": {a: {str(s): [report.public(r) for r in recs] for s, recs in by_seed.items()}
                  for a, by_seed in runs.items()},
     }
-    results["summary"] = report.summarize(results, cfg)
+    results["summary"] = report.summarize(results)
     results["timing"] = {"total_seconds": time.time() - t_start,
                          "base_seconds": exp.base_seconds, "arm_seconds": arm_seconds}
-    report.write(results, cfg, out_dir)
+    report.write(results, out_dir)
     log(f"wrote {out_dir} in {results['timing']['total_seconds']:.0f}s")
     return results
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description="Steer a tiny byte-level LM under a KL barrier, one arm per aggregator.")
     parser.add_argument("--quick", action="store_true", help="tiny config for CI (< 2 min)")
     parser.add_argument("--preset", choices=sorted(config.PRESETS), help="overrides --quick")
     parser.add_argument("--out", type=pathlib.Path, help="output folder")

@@ -1,18 +1,25 @@
 """Steering: fine-tune toward a narrow target, with or without a KL barrier to the base.
 
-Target. Every steering example is a prompt (``prompt_len`` bytes of training text starting at a
-word) followed by a completion that keeps returning to one phrase: the text that really follows
-the prompt, with the phrase inserted at a word start every ``gap_min``..``gap_max`` bytes. The SFT
-loss is the mean next-byte NLL over completion positions only.
+Target. A fixed steering set of prompts (``prompt_len`` bytes of training text starting at a
+word) with completions that keep returning to one phrase: the text that really follows the
+prompt, with the phrase inserted at a word start within the first ``gap_min`` bytes and then
+every ``gap_min``..``gap_max`` bytes. The SFT loss is the mean next-byte NLL over completion
+positions only.
 
-Barrier. At the start of each round the student samples ``barrier_pool`` completions of fresh
-training prompts (on-policy, like the heal loop); every step adds
-``ka.kl_barrier(student_logits, base_logits, where=completion positions, agg=..., tau=..., lam=...)``
-on a minibatch of them. The frozen base is the reference.
+Rounds. A run is R rounds of S optax (Adam) steps. At the start of every round the student
+samples ``barrier_pool`` completions of fresh training prompts (on-policy). Round 1 fine-tunes
+on the fixed steering set. From round 2 on, part of every SFT minibatch comes from the student's
+own pool: the (at most ``select_top``) completions that hold the phrase, most occurrences first
+(rejection-sampling fine-tuning toward "more of the phrase"). Their share is
+``self_mix * accepted / select_top``; the fixed steering set fills the rest, so a student whose
+samples lost the phrase is still pulled toward it. The pressure toward more of the phrase
+compounds round after round, which is what drives an unconstrained student into repetition loops.
 
-A run is R rounds of S optax (Adam) steps. Within a seed every arm sees the same steering
-minibatches, the same barrier prompts and the same sampling keys (common random numbers), so arms
-differ only by their barrier.
+Barrier. Every step adds ``ka.kl_barrier(student_logits, base_logits, where=completion
+positions, agg=..., tau=..., lam=...)`` on a minibatch of the same pool; the frozen base is the
+reference. Within a seed every arm sees the same steering minibatches, the same prompts and the
+same sampling keys (common random numbers), so arms differ only by their barrier (and by what
+their students then sample).
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ def steering_set(corpus: data.Corpus, cfg: Config, seed: int = 0) -> np.ndarray:
     for s in rng.choice(starts, size=cfg.n_steer_examples, replace=False):
         prompt = bytes(stream[s : s + cfg.prompt_len])
         out, pos = b"", s + cfg.prompt_len
-        gap = int(rng.integers(0, cfg.gap_max + 1))  # the first insertion may come at once
+        gap = int(rng.integers(0, cfg.gap_min + 1))  # the first insertion comes early
         while len(out) < cfg.completion_len:
             end = pos + gap
             while not is_start[end]:
@@ -56,9 +63,11 @@ def steering_set(corpus: data.Corpus, cfg: Config, seed: int = 0) -> np.ndarray:
 
 
 def select(sequences: np.ndarray, completions: np.ndarray, phrase: bytes, top: int) -> np.ndarray:
-    """The ``top`` rows of ``sequences`` whose completions hold the phrase most often (stable)."""
+    """Rejection sampling: the rows of ``sequences`` whose completions hold the phrase at least
+    once, most occurrences first (ties in pool order), at most ``top`` of them (maybe none)."""
     counts = np.array([bytes(c.astype(np.uint8).tolist()).count(phrase) for c in completions])
-    return sequences[np.argsort(-counts, kind="stable")[:top]]
+    order = np.argsort(-counts, kind="stable")[:top]
+    return sequences[order[counts[order] > 0]]
 
 
 def completion_mask(cfg: Config, batch: int) -> jnp.ndarray:
@@ -98,16 +107,15 @@ def make_step(graphdef, cfg: Config, arm: Arm):
     bar_mask = completion_mask(cfg, cfg.barrier_batch)
 
     def loss_fn(params, sft_tokens, bar_tokens, bar_ref):
-        logits = model.apply(graphdef, params, sft_tokens[:, :-1])
-        nll = masked_nll(logits, sft_tokens[:, 1:], sft_mask)
-        if arm.agg is None:
-            frozen = jax.lax.stop_gradient(params)
-            bar_logits = model.apply(graphdef, frozen, bar_tokens[:, :-1])
-            _, metrics = ka.kl_barrier(bar_logits, bar_ref, where=bar_mask, agg="mean",
-                                       tau=0.0, lam=0.0)
+        # One forward pass over both minibatches (same length): rows [:sft_batch] are SFT.
+        logits = model.apply(graphdef, params, jnp.concatenate([sft_tokens, bar_tokens])[:, :-1])
+        nll = masked_nll(logits[: cfg.sft_batch], sft_tokens[:, 1:], sft_mask)
+        bar_logits = logits[cfg.sft_batch :]
+        if arm.agg is None:  # watch the KL, but let no gradient through it
+            _, metrics = ka.kl_barrier(jax.lax.stop_gradient(bar_logits), bar_ref, where=bar_mask,
+                                       agg="mean", tau=0.0, lam=0.0)
             barrier = jnp.zeros((), jnp.float32)
         else:
-            bar_logits = model.apply(graphdef, params, bar_tokens[:, :-1])
             barrier, metrics = ka.kl_barrier(bar_logits, bar_ref, where=bar_mask, agg=arm.agg,
                                              tau=arm.tau, lam=arm.lam)
         return nll + barrier, {"nll": nll, "barrier": barrier, **metrics}
@@ -130,6 +138,23 @@ def sample_completions(graphdef, params, prompts, cfg: Config, key) -> np.ndarra
     """Completions ``[B, completion_len]`` of ``prompts [B, prompt_len]`` at ``cfg.temperature``."""
     f = _jitted_sampler(graphdef, cfg.completion_len, cfg.temperature)
     return np.asarray(f(params, jnp.asarray(prompts), key=key))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_kl(graphdef):
+    @jax.jit
+    def f(params, base_params, tokens, where):
+        inputs = tokens[:, :-1]
+        return ka.kl_per_position(model.apply(graphdef, params, inputs),
+                                  model.apply(graphdef, base_params, inputs), where=where)
+
+    return f
+
+
+def kl_to_base(graphdef, params, base_params, tokens, where) -> np.ndarray:
+    """Per-position KL(student || base) ``[B, T-1]`` of ``tokens [B, T]``; 0 where not ``where``."""
+    return np.asarray(_jitted_kl(graphdef)(params, base_params, jnp.asarray(tokens),
+                                           jnp.asarray(where)))
 
 
 @functools.lru_cache(maxsize=None)
