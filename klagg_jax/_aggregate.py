@@ -365,7 +365,8 @@ def power_mean(x: jax.typing.ArrayLike, p: float, *, where: Any = None,
   s = _masked_mean((x / scale) ** pv, mask, count)
   # s >= 1/n wherever top > 0, so the root's gradient is finite; elsewhere the value is 0.
   root = jnp.where(positive, s, 1.0) ** (1.0 / pv)
-  return jnp.where(positive, root * scale[..., 0], 0.0)
+  # An infinite entry (a reference with -inf where the student has mass) makes the mean infinite.
+  return jnp.where(jnp.isinf(top), top, jnp.where(positive, root * scale[..., 0], 0.0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,6 +381,14 @@ VALID_NAMES = ("mean", "rmse", "max", "maximum", "pNN (e.g. 'p95', 'p99.9')", "s
                "cvarNN", "smooth_max", "power_mean", "a callable f(x, *, where, axis, **kwargs)")
 
 
+def _power_mean_by_name(x, *, where=None, axis=-1, **kwargs):
+  if "p" not in kwargs:
+    raise ValueError("Aggregator 'power_mean' needs its exponent: pass p (>= 1) as a keyword, "
+                     "e.g. aggregate(x, 'power_mean', p=2.0) or "
+                     "kl_barrier(..., agg='power_mean', agg_kwargs={'p': 2.0}).")
+  return power_mean(x, where=where, axis=axis, **kwargs)
+
+
 def resolve(how: str | Aggregator) -> Aggregator:
   """Returns the aggregator named by ``how`` (see :func:`aggregate`), with any level bound."""
   if callable(how):
@@ -387,6 +396,8 @@ def resolve(how: str | Aggregator) -> Aggregator:
   if not isinstance(how, str):
     raise ValueError(f"Aggregator must be a name or a callable; got {how!r}. "
                      f"Valid forms: {', '.join(VALID_NAMES)}.")
+  if how == "power_mean":
+    return _power_mean_by_name
   if how in _NAMED:
     return _NAMED[how]
   for pattern, fn in _PATTERNS:

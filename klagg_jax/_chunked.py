@@ -4,7 +4,8 @@ A kernel sees its inputs as ``[N, ...]`` rows (positions) and works on ``chunk``
 time, so its ``[chunk, V]`` temporaries stay small (cache-sized on CPU) while only per-row
 results (``[N]`` statistics, or an ``[N, V]`` gradient that must exist anyway) are written.
 Chunks are taken with ``dynamic_slice`` from the inputs in place: no padded or sliced copy of
-an ``[N, V]`` array is ever made. When ``chunk`` does not divide N the last chunk is shifted
+an ``[N, V]`` array is made (except the integer view of 16-bit inputs on CPU, see
+``_slice_rows``). When ``chunk`` does not divide N the last chunk is shifted
 back to end at row N; its rows already done are flagged ``fresh=False`` so accumulations
 (e.g. a weight gradient) count each row once, and per-row outputs are rewritten identically.
 """
@@ -12,6 +13,7 @@ back to end at row N; its rows already done are flagged ``fresh=False`` so accum
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,9 +38,13 @@ def resolve_chunk_rows(chunk_size: int | None, n_rows: int, vocab: int) -> int:
   """Validates a user ``chunk_size`` (or picks one) and clips it to ``[1, n_rows]``."""
   if chunk_size is None:
     return default_chunk_rows(n_rows, vocab)
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+  try:
+    rows = operator.index(chunk_size)  # int, numpy integer; not bool, float or a tracer
+  except TypeError:
+    rows = None
+  if isinstance(chunk_size, bool) or rows is None or rows < 1:
     raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}.")
-  return max(1, min(chunk_size, n_rows))
+  return max(1, min(rows, n_rows))
 
 
 def _slice_rows(x: jax.Array, start: jax.Array, size: int) -> jax.Array:

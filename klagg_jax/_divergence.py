@@ -89,51 +89,64 @@ def _kl_forward(x, y, axis_name):
   # 0 log 0 = 0: entries with p = 0 contribute nothing, even where y is -inf too.
   tilt = vsum(jnp.where(e > 0, e * (x - y), 0.0), axis_name)
   lx, ly = mx + jnp.log(sx), log_normalizer(y, axis_name)
-  kl = tilt / sx - (lx - ly)
+  # A student row that is all -inf has no mass: nothing to diverge (0, as js gives), not 0/0;
+  # a reference row that is all -inf has none where the student has some: +inf, not inf - inf.
+  kl = tilt / jnp.where(sx > 0, sx, 1.0) - (lx - _finite_or_zero(ly))
+  kl = jnp.where(sx > 0, jnp.where(jnp.isfinite(ly), kl, jnp.inf), 0.0)
   return kl, (lx, ly, kl)
+
+
+def _finite_or_zero(lse):
+  """An all -inf row has log-normalizer -inf; shifting it by 0 keeps its probabilities 0, not NaN."""
+  return jnp.where(jnp.isfinite(lse), lse, 0.0)
 
 
 def _kl_backward(x, y, stats):
   """d KL / dx = p (log p - log r - KL), d KL / dy = r - p."""
   lx, ly, kl = stats
-  lp, lr = x - lx[:, None], y - ly[:, None]
+  lp, lr = x - _finite_or_zero(lx)[:, None], y - _finite_or_zero(ly)[:, None]
   p, r = jnp.exp(lp), jnp.exp(lr)
   dx = jnp.where(p > 0, p * ((lp - lr) - kl[:, None]), 0.0)
   return dx, r - p
 
 
-def _log_mix_ratio(delta, w):
-  """log((1 - w) + w e^delta), i.e. log(m / p) for m = (1 - w) p + w r and delta = log r - log p.
+def _log_mix_ratio(delta, w, wc):
+  """log(wc + w e^delta), i.e. log(m / p) for m = wc p + w r and delta = log r - log p.
 
-  Exactly 0 at delta = 0 (identical inputs give exactly 0), no overflow for large |delta|.
+  ``w`` and ``wc = 1 - w`` are static and given apart, so a w within float32 rounding of 1 (beta
+  = 1e-9) keeps its exact complement. Exactly 0 at delta = 0 (identical inputs give exactly 0);
+  accurate for tiny results and large |delta|; log wc at delta = -inf.
   """
-  neg = delta <= 0
-  dn = jnp.where(neg, delta, 0.0)
-  dp = jnp.where(neg, 0.0, delta)
-  small = jnp.log1p(w * jnp.expm1(dn))
-  large = dp + jnp.log(w) + jnp.log1p((1.0 - w) / w * jnp.exp(-dp))
-  return jnp.where(neg, small, large)
+  # log1p(w expm1(delta)) is accurate unless it overflows or nears log(0); there the result is
+  # far from 0 and logaddexp of the two log-terms (static logs: no float32 underflow) is.
+  t = w * jnp.expm1(jnp.clip(delta, None, _MIX_DELTA_MAX))
+  mid = (t > -0.5) & (delta <= _MIX_DELTA_MAX)
+  rest = jnp.logaddexp(math.log(wc), math.log(w) + delta)
+  return jnp.where(mid, jnp.log1p(jnp.where(mid, t, 0.0)), rest)
+
+
+_MIX_DELTA_MAX = 60.0  # w expm1(60) < 1.2e26: no float32 overflow in the log1p form
 
 
 def _js_forward(x, y, beta, axis_name):
   """beta KL(r || m) + (1 - beta) KL(p || m), m = (1 - beta) p + beta r, per row."""
   lx, ly = log_normalizer(x, axis_name), log_normalizer(y, axis_name)
-  lp, lr = x - lx[:, None], y - ly[:, None]
+  lp, lr = x - _finite_or_zero(lx)[:, None], y - _finite_or_zero(ly)[:, None]
   p, r = jnp.exp(lp), jnp.exp(lr)
   delta = lr - lp
-  kl_pm = vsum(jnp.where(p > 0, -p * _log_mix_ratio(delta, beta), 0.0), axis_name)
-  kl_rm = vsum(jnp.where(r > 0, -r * _log_mix_ratio(-delta, 1.0 - beta), 0.0), axis_name)
+  kl_pm = vsum(jnp.where(p > 0, -p * _log_mix_ratio(delta, beta, 1.0 - beta), 0.0), axis_name)
+  kl_rm = vsum(jnp.where(r > 0, -r * _log_mix_ratio(-delta, 1.0 - beta, beta), 0.0), axis_name)
   return beta * kl_rm + (1.0 - beta) * kl_pm, (lx, ly, kl_pm, kl_rm)
 
 
 def _js_backward(x, y, stats, beta):
   """d JS / dx = (1 - beta) p (log p - log m - KL(p||m)); symmetrically for y with weight beta."""
   lx, ly, kl_pm, kl_rm = stats
-  lp, lr = x - lx[:, None], y - ly[:, None]
+  lp, lr = x - _finite_or_zero(lx)[:, None], y - _finite_or_zero(ly)[:, None]
   p, r = jnp.exp(lp), jnp.exp(lr)
   delta = lr - lp
-  dx = jnp.where(p > 0, p * (-_log_mix_ratio(delta, beta) - kl_pm[:, None]), 0.0)
-  dy = jnp.where(r > 0, r * (-_log_mix_ratio(-delta, 1.0 - beta) - kl_rm[:, None]), 0.0)
+  dx = jnp.where(p > 0, p * (-_log_mix_ratio(delta, beta, 1.0 - beta) - kl_pm[:, None]), 0.0)
+  dy = jnp.where(r > 0, r * (-_log_mix_ratio(-delta, 1.0 - beta, beta) - kl_rm[:, None]), 0.0)
   return (1.0 - beta) * dx, beta * dy
 
 
@@ -209,6 +222,19 @@ def _rows_bwd(spec, residuals, g):
 divergence_rows.defvjp(_rows_fwd, _rows_bwd)
 
 
+def divide_by_traced_temperature(x: jax.Array, mask: jax.Array, temperature: jax.Array,
+                                 dtype) -> jax.Array:
+  """``x / temperature`` in ``dtype`` for a traced temperature, outside the chunked kernel.
+
+  Costs a ``dtype`` copy of ``x`` (a static temperature is applied per chunk instead). Masked
+  rows are zeroed and -inf entries kept out of the quotient first, so the temperature's gradient
+  sees neither NaN padding nor ``0 * inf``.
+  """
+  x = jnp.where(mask[:, None], x.astype(dtype), 0.0)
+  finite = x > -jnp.inf
+  return jnp.where(finite, jnp.where(finite, x, 0.0) / temperature, -jnp.inf)
+
+
 # ------------------------------------------------------------------------------------------------
 # Public API.
 
@@ -246,7 +272,7 @@ def per_position(logits, ref_logits, *, direction, where, temperature, beta, chu
     return jnp.zeros(lead, _checks.compute_dtype(a, b))
   if temp is None:  # traced temperature: scale outside the kernel so autodiff sees it
     dtype = _checks.compute_dtype(a, b)
-    a, b = a.astype(dtype) / temperature, b.astype(dtype) / temperature
+    a, b = (divide_by_traced_temperature(x, mask, temperature, dtype) for x in (a, b))
     temp = 1.0
   spec = Spec(direction=direction, beta=beta, inv_temperature=1.0 / temp,
               chunk=resolve_chunk_rows(chunk_size, n, vocab), ref_grad=ref_grad,

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from klagg_jax import _checks, _fused
+from klagg_jax import _checks, _divergence, _fused
 from klagg_jax._chunked import resolve_chunk_rows, scan_row_chunks
 from klagg_jax._divergence import (Spec, block_backward, block_forward, log_normalizer,
                                    prepare_block, resolve_direction)
@@ -395,10 +395,10 @@ def kl_topk(logits: jax.typing.ArrayLike, ref_logprobs: jax.typing.ArrayLike,
   if n == 0:
     return jnp.zeros(lead, dtype)
   a = logits.reshape(n, vocab)
-  if temp is None:  # traced temperature: scale outside the kernel so autodiff sees it
-    a = a.astype(dtype) / temperature
   k = lp.shape[-1]
   mask = jnp.ones((n,), bool) if mask is None else mask.reshape(n)
+  if temp is None:  # traced temperature: scale outside the kernel so autodiff sees it
+    a = _divergence.divide_by_traced_temperature(a, mask, temperature, dtype)
   out = topk_rows(a, lp.reshape(n, k), idx.reshape(n, k), tail.reshape(n), mask, spec)
   return out.reshape(lead)
 

@@ -278,3 +278,18 @@ def test_aggregate_by_name_and_callable(rng):
 def test_bad_static_input_raises(call, match):
   with pytest.raises(ValueError, match=match):
     call(jnp.ones((2, 4)))
+
+
+def test_power_mean_of_an_infinite_entry_is_infinite():
+  """A reference with -inf where the student has mass gives KL = +inf; every mean says so."""
+  x = jnp.array([[0.0, 1.0, jnp.inf], [0.0, 1.0, 3.0]])
+  got = ka.power_mean(x, 2.0)
+  assert got[0] == jnp.inf
+  np.testing.assert_allclose(got[1], np.sqrt(10.0 / 3.0), rtol=1e-6)
+
+
+def test_power_mean_by_name_requires_its_exponent():
+  x = jnp.ones((2, 3))
+  with pytest.raises(ValueError, match="power_mean.*needs its exponent.*p"):
+    ka.aggregate(x, "power_mean")
+  np.testing.assert_allclose(ka.aggregate(x, "power_mean", p=3.0), [1.0, 1.0])

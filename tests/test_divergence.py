@@ -188,6 +188,57 @@ def test_chunked_equals_unchunked_in_value_and_gradient(rng):
       np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-7)
 
 
+def test_traced_temperature_gradient_ignores_padding_and_banned_entries(rng):
+  """d/dT sees only valid rows and finite entries: as if the garbage were not there at all."""
+  a, b = random_logits(rng, (4, 9)), random_logits(rng, (4, 9))
+  valid = np.array([True, False, True, True])
+  a_bad = a.copy()
+  a_bad[1] = np.nan
+  a_bad[:, 2], b[:, 2] = -np.inf, -np.inf  # banned on both sides: the same as absent
+  for direction in DIRECTIONS:
+    f = lambda t: ka.kl_per_position(a_bad, b, direction=direction, where=valid,
+                                     temperature=t).sum()
+    keep = [0, 1, 3, 4, 5, 6, 7, 8]
+    g = lambda t: ka.kl_per_position(a[valid][:, keep], b[valid][:, keep], direction=direction,
+                                     temperature=t).sum()
+    np.testing.assert_allclose(jax.grad(f)(1.3), jax.grad(g)(1.3), rtol=1e-5, err_msg=direction)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_rows_with_no_mass(direction):
+  """An all -inf student row diverges by 0; an all -inf reference row where the student has
+  mass gives +inf (forward/reverse) or the finite js; never NaN, in value or gradient."""
+  none, flat = jnp.full((1, 4), -jnp.inf), jnp.zeros((1, 4))
+  assert ka.kl_per_position(none, none, direction=direction)[0] == 0.0
+  grad = jax.grad(lambda x: ka.kl_per_position(x, none, direction=direction).sum())(none)
+  assert np.all(grad == 0.0)
+  student_empty = ka.kl_per_position(none, flat, direction=direction)[0]
+  ref_empty = ka.kl_per_position(flat, none, direction=direction)[0]
+  if direction == "js":  # m = beta r (or (1 - beta) p): KL(r || m) = -log beta, weighted by beta
+    np.testing.assert_allclose([student_empty, ref_empty], [0.5 * np.log(2)] * 2, rtol=1e-6)
+  else:
+    empty_side = {"reverse": (0.0, np.inf), "forward": (np.inf, 0.0)}[direction]
+    assert (float(student_empty), float(ref_empty)) == empty_side
+
+
+@pytest.mark.parametrize("beta", [1e-9, 1e-6, 1e-3, 1 - 1e-3, 1 - 1e-6, 1 - 1e-9])
+def test_js_near_its_endpoints_is_accurate_with_banned_entries(beta):
+  """1 - beta rounds to 1 in float32 at beta = 1e-9; the mixture's weights are kept exact."""
+  a = np.array([[0.0, -np.inf, 1.0], [0.5, 0.0, -np.inf], [2.0, 0.0, 0.0]], np.float32)
+  b = np.array([[0.0, 0.0, -np.inf], [0.5, -1.0, 3.0], [0.0, 2.0, -0.5]], np.float32)
+  for x, y in ((a, b), (b, a)):
+    got = ka.kl_per_position(x, y, direction="js", beta=beta)
+    want = ref.kl_per_position(x, y, "js", beta=beta)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-12)
+
+
+def test_chunk_size_accepts_numpy_integers(rng):
+  a, b = random_logits(rng, (6, 5)), random_logits(rng, (6, 5))
+  np.testing.assert_array_equal(ka.kl_per_position(a, b, chunk_size=np.int64(4)),
+                                ka.kl_per_position(a, b, chunk_size=4))
+
+
 def test_shape_mismatch_names_both_shapes():
   with pytest.raises(ValueError, match=r"\(2, 3, 7\).*\(2, 3, 8\)"):
     ka.kl_per_position(jnp.zeros((2, 3, 7)), jnp.zeros((2, 3, 8)))
