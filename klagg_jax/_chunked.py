@@ -61,6 +61,24 @@ def _slice_rows(x: jax.Array, start: jax.Array, size: int) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(x, start, size, axis=0)
 
 
+def _storage_dtype(dtype) -> jnp.dtype:
+  """The dtype an ``[N, ...]`` output buffer is kept in while chunks are written into it.
+
+  XLA:CPU updates a 16-bit-float buffer by converting all of it to float32 and back, on every
+  chunk (quadratic in N); a same-width integer buffer is updated in place.
+  """
+  dtype = jnp.dtype(dtype)
+  if dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating) and _on_cpu():
+    return jnp.dtype(jnp.uint16)
+  return dtype
+
+
+def _store(rows: jax.Array, storage: jnp.dtype) -> jax.Array:
+  if rows.dtype == storage:
+    return rows
+  return jax.lax.bitcast_convert_type(rows, storage)
+
+
 def _on_cpu() -> bool:
   return jax.default_backend() == "cpu"
 
@@ -99,15 +117,19 @@ def scan_row_chunks(body: RowBody, rows: Sequence[jax.Array], chunk: int,
   carry_shapes, out_shapes = jax.eval_shape(body, part0, fresh0, carry)
   # Inside shard_map, start the loop state varying over the mesh axes the body makes it vary
   # over (the loop's carry type must not change); a no-op elsewhere.
-  outs0 = [match_varying(jnp.zeros((n,) + s.shape[1:], s.dtype), s) for s in out_shapes]
+  storage = [_storage_dtype(s.dtype) for s in out_shapes]
+  outs0 = [match_varying(jnp.zeros((n,) + s.shape[1:], st), s)
+           for s, st in zip(out_shapes, storage)]
   carry = jax.tree.map(match_varying, carry, carry_shapes)
 
   def step(i, state):
     carry, outs = state
     start, part, fresh = take(i)
     carry, row_outs = body(part, fresh, carry)
-    outs = [jax.lax.dynamic_update_slice_in_dim(o, r.astype(o.dtype), start, axis=0)
-            for o, r in zip(outs, row_outs)]
+    outs = [jax.lax.dynamic_update_slice_in_dim(o, _store(r.astype(s.dtype), o.dtype), start, 0)
+            for o, r, s in zip(outs, row_outs, out_shapes)]
     return carry, outs
 
-  return jax.lax.fori_loop(0, n_chunks, step, (carry, outs0))
+  carry, outs = jax.lax.fori_loop(0, n_chunks, step, (carry, outs0))
+  return carry, [o if o.dtype == s.dtype else jax.lax.bitcast_convert_type(o, s.dtype)
+                 for o, s in zip(outs, out_shapes)]

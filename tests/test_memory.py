@@ -6,6 +6,7 @@ running anything, so the big shapes cost only compile time.
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 import klagg_jax as ka
 
@@ -42,3 +43,17 @@ def test_low_precision_inputs_are_not_upcast_whole():
   temp = jax.jit(ka.kl_per_position).lower(*specs).compile().memory_analysis().temp_size_in_bytes
   # At most a 2-byte view per input (XLA:CPU cannot slice bf16 natively) plus chunk buffers.
   assert temp <= 2 * n * v * 2 + (8 << 20)
+
+
+@pytest.mark.parametrize("path", ["barrier", "topk"])
+def test_low_precision_gradients_are_written_without_float32_copies(path):
+  """No float32 [N, V] array anywhere in the compiled bf16 gradient. XLA:CPU once updated the
+  bf16 gradient buffer per chunk by converting all of it to float32 and back: quadratic in N."""
+  n, v = 512, 4096
+  spec = jax.ShapeDtypeStruct((n, v), jnp.bfloat16)
+  if path == "barrier":
+    fn = lambda a, b: ka.kl_barrier(a.reshape(4, 128, v), b.reshape(4, 128, v), agg="rmse")[0]
+  else:
+    fn = lambda a, b: ka.kl_topk(a, *ka.topk_logprobs(b, 8)[:2]).sum()
+  hlo = jax.jit(jax.grad(fn)).lower(spec, spec).compile().as_text()
+  assert f"f32[{n},{v}]" not in hlo
