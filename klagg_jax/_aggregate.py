@@ -372,8 +372,6 @@ def power_mean(x: jax.typing.ArrayLike, p: float, *, where: Any = None,
 # ------------------------------------------------------------------------------------------------
 # Selection by name, for config files.
 
-_NAMED = {"mean": mean, "rmse": rmse, "max": maximum, "maximum": maximum,
-          "smooth_max": smooth_max, "power_mean": power_mean}
 _LEVEL = r"(\d+(?:\.\d+)?)"
 _PATTERNS = ((re.compile(rf"p{_LEVEL}"), quantile), (re.compile(rf"soft_p{_LEVEL}"), soft_quantile),
              (re.compile(rf"cvar{_LEVEL}"), cvar))
@@ -389,6 +387,10 @@ def _power_mean_by_name(x, *, where=None, axis=-1, **kwargs):
   return power_mean(x, where=where, axis=axis, **kwargs)
 
 
+_NAMED = {"mean": mean, "rmse": rmse, "max": maximum, "maximum": maximum,
+          "smooth_max": smooth_max, "power_mean": _power_mean_by_name}
+
+
 def resolve(how: str | Aggregator) -> Aggregator:
   """Returns the aggregator named by ``how`` (see :func:`aggregate`), with any level bound."""
   if callable(how):
@@ -396,8 +398,6 @@ def resolve(how: str | Aggregator) -> Aggregator:
   if not isinstance(how, str):
     raise ValueError(f"Aggregator must be a name or a callable; got {how!r}. "
                      f"Valid forms: {', '.join(VALID_NAMES)}.")
-  if how == "power_mean":
-    return _power_mean_by_name
   if how in _NAMED:
     return _NAMED[how]
   for pattern, fn in _PATTERNS:

@@ -35,10 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from klagg_jax import _checks, _divergence, _fused
+from klagg_jax import _checks, _fused
 from klagg_jax._chunked import resolve_chunk_rows, scan_row_chunks
-from klagg_jax._divergence import (Spec, block_backward, block_forward, log_normalizer,
-                                   prepare_block, resolve_direction)
+from klagg_jax._divergence import (Spec, block_backward, block_forward,
+                                   divide_by_traced_temperature, log_normalizer, prepare_block,
+                                   resolve_direction)
 
 Teacher = tuple[jax.Array, jax.Array, jax.Array]  # (log-probs [C, k], indices [C, k], tail [C])
 
@@ -398,7 +399,7 @@ def kl_topk(logits: jax.typing.ArrayLike, ref_logprobs: jax.typing.ArrayLike,
   k = lp.shape[-1]
   mask = jnp.ones((n,), bool) if mask is None else mask.reshape(n)
   if temp is None:  # traced temperature: scale outside the kernel so autodiff sees it
-    a = _divergence.divide_by_traced_temperature(a, mask, temperature, dtype)
+    a = divide_by_traced_temperature(a, mask, temperature, dtype)
   out = topk_rows(a, lp.reshape(n, k), idx.reshape(n, k), tail.reshape(n), mask, spec)
   return out.reshape(lead)
 
