@@ -19,8 +19,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from klagg_jax import _checks, _sharding
-from klagg_jax._chunked import resolve_chunk_rows, scan_row_chunks
+from klagg_jax import _checks, _config, _sharding, _xla
+from klagg_jax._chunked import Chunking, chunking, scan_row_chunks
+from klagg_jax._numerics import (is_empty_row, is_zero, propagate_nan, safe_divide, safe_log,
+                                 stable_shift, where_mass)
 
 DIRECTIONS = ("reverse", "forward", "js")
 
@@ -31,7 +33,7 @@ class Spec:
   direction: str  # "reverse" | "forward" | "js" (endpoints of js already mapped to a KL)
   beta: float
   inv_temperature: float
-  chunk: int
+  chunks: Chunking
   ref_grad: bool = True
   vocab_axis: str | None = None  # mesh axis the vocabulary is split over (inside shard_map)
 
@@ -66,14 +68,20 @@ def vsum(x: jax.Array, axis_name: str | None) -> jax.Array:
 
 
 def log_normalizer(x: jax.Array, axis_name: str | None = None) -> jax.Array:
-  """log sum_v exp(x_v) per row; -inf (not NaN) for an all -inf row."""
-  m = jax.lax.stop_gradient(vmax(x, axis_name))
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  return m + jnp.log(vsum(jnp.exp(x - m[:, None]), axis_name))
+  """log sum_v exp(x_v) per row: -inf (not NaN) for an all -inf row, NaN for a row with NaN."""
+  shift = stable_shift(jax.lax.stop_gradient(vmax(x, axis_name)))
+  return shift + safe_log(vsum(jnp.exp(x - shift[..., None]), axis_name))
+
+
+def log_probs(x: jax.Array, lse: jax.Array) -> jax.Array:
+  """``x - lse`` per row; an empty row (lse = -inf) keeps its -inf entries rather than NaN."""
+  return x - stable_shift(lse)[..., None]
 
 
 # ------------------------------------------------------------------------------------------------
 # Block math on [chunk, V] rows in the compute dtype. ``x`` is the first argument of the KL.
+# Emptiness is tested by equality only (klagg_jax._numerics): a NaN anywhere in a row reaches
+# that row's result.
 
 
 def _kl_forward(x, y, axis_name):
@@ -82,31 +90,25 @@ def _kl_forward(x, y, axis_name):
   KL = sum_v e_v (x_v - y_v) / sum_v e_v - (lse x - lse y), e = exp(x - max x): two exps per
   entry pair (one per side), the compute floor, and exactly 0 for identical rows.
   """
-  mx = jax.lax.stop_gradient(vmax(x, axis_name))
-  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-  e = jnp.exp(x - mx[:, None])
+  shift = stable_shift(jax.lax.stop_gradient(vmax(x, axis_name)))
+  e = jnp.exp(x - shift[:, None])
   sx = vsum(e, axis_name)
   # 0 log 0 = 0: entries with p = 0 contribute nothing, even where y is -inf too.
-  tilt = vsum(jnp.where(e > 0, e * (x - y), 0.0), axis_name)
-  lx, ly = mx + jnp.log(sx), log_normalizer(y, axis_name)
+  tilt = vsum(where_mass(e, e * (x - y)), axis_name)
+  lx, ly = shift + safe_log(sx), log_normalizer(y, axis_name)
+  kl = safe_divide(tilt, sx) - (lx - stable_shift(ly))
   # A student row that is all -inf has no mass: nothing to diverge (0, as js gives), not 0/0;
   # a reference row that is all -inf has none where the student has some: +inf, not inf - inf.
-  kl = tilt / jnp.where(sx > 0, sx, 1.0) - (lx - _finite_or_zero(ly))
-  kl = jnp.where(sx > 0, jnp.where(jnp.isfinite(ly), kl, jnp.inf), 0.0)
-  return kl, (lx, ly, kl)
-
-
-def _finite_or_zero(lse):
-  """An all -inf row has log-normalizer -inf; shifting it by 0 keeps its probabilities 0, not NaN."""
-  return jnp.where(jnp.isfinite(lse), lse, 0.0)
+  kl = jnp.where(is_zero(sx), 0.0, jnp.where(is_empty_row(ly), jnp.inf, kl))
+  return propagate_nan(kl, sx, ly), (lx, ly, kl)
 
 
 def _kl_backward(x, y, stats):
   """d KL / dx = p (log p - log r - KL), d KL / dy = r - p."""
   lx, ly, kl = stats
-  lp, lr = x - _finite_or_zero(lx)[:, None], y - _finite_or_zero(ly)[:, None]
+  lp, lr = log_probs(x, lx), log_probs(y, ly)
   p, r = jnp.exp(lp), jnp.exp(lr)
-  dx = jnp.where(p > 0, p * ((lp - lr) - kl[:, None]), 0.0)
+  dx = where_mass(p, p * ((lp - lr) - kl[:, None]))
   return dx, r - p
 
 
@@ -131,22 +133,23 @@ _MIX_DELTA_MAX = 60.0  # w expm1(60) < 1.2e26: no float32 overflow in the log1p 
 def _js_forward(x, y, beta, axis_name):
   """beta KL(r || m) + (1 - beta) KL(p || m), m = (1 - beta) p + beta r, per row."""
   lx, ly = log_normalizer(x, axis_name), log_normalizer(y, axis_name)
-  lp, lr = x - _finite_or_zero(lx)[:, None], y - _finite_or_zero(ly)[:, None]
+  lp, lr = log_probs(x, lx), log_probs(y, ly)
   p, r = jnp.exp(lp), jnp.exp(lr)
   delta = lr - lp
-  kl_pm = vsum(jnp.where(p > 0, -p * _log_mix_ratio(delta, beta, 1.0 - beta), 0.0), axis_name)
-  kl_rm = vsum(jnp.where(r > 0, -r * _log_mix_ratio(-delta, 1.0 - beta, beta), 0.0), axis_name)
-  return beta * kl_rm + (1.0 - beta) * kl_pm, (lx, ly, kl_pm, kl_rm)
+  kl_pm = vsum(where_mass(p, -p * _log_mix_ratio(delta, beta, 1.0 - beta)), axis_name)
+  kl_rm = vsum(where_mass(r, -r * _log_mix_ratio(-delta, 1.0 - beta, beta)), axis_name)
+  js = propagate_nan(beta * kl_rm + (1.0 - beta) * kl_pm, lx, ly)
+  return js, (lx, ly, kl_pm, kl_rm)
 
 
 def _js_backward(x, y, stats, beta):
   """d JS / dx = (1 - beta) p (log p - log m - KL(p||m)); symmetrically for y with weight beta."""
   lx, ly, kl_pm, kl_rm = stats
-  lp, lr = x - _finite_or_zero(lx)[:, None], y - _finite_or_zero(ly)[:, None]
+  lp, lr = log_probs(x, lx), log_probs(y, ly)
   p, r = jnp.exp(lp), jnp.exp(lr)
   delta = lr - lp
-  dx = jnp.where(p > 0, p * (-_log_mix_ratio(delta, beta, 1.0 - beta) - kl_pm[:, None]), 0.0)
-  dy = jnp.where(r > 0, r * (-_log_mix_ratio(-delta, 1.0 - beta, beta) - kl_rm[:, None]), 0.0)
+  dx = where_mass(p, p * (-_log_mix_ratio(delta, beta, 1.0 - beta) - kl_pm[:, None]))
+  dy = where_mass(r, r * (-_log_mix_ratio(-delta, 1.0 - beta, beta) - kl_rm[:, None]))
   return (1.0 - beta) * dx, beta * dy
 
 
@@ -196,7 +199,7 @@ def _rows_fwd(a, b, mask, spec):
                                prepare_block(b_c, m_c, spec, dtype), spec)
     return carry, [jnp.where(m_c, div, 0.0), *stats]
 
-  _, outs = scan_row_chunks(body, (a, b, mask), spec.chunk)
+  _, outs = scan_row_chunks(body, (a, b, mask), spec.chunks)
   return outs[0], (a, b, mask, tuple(outs[1:]))
 
 
@@ -215,7 +218,7 @@ def _rows_bwd(spec, residuals, g):
       outs.append(jnp.where(m_c[:, None], w * db, 0.0).astype(b.dtype))
     return carry, outs
 
-  _, grads = scan_row_chunks(body, (a, b, mask, g, *stats), spec.chunk)
+  _, grads = scan_row_chunks(body, (a, b, mask, g, *stats), spec.chunks)
   return grads[0], (grads[1] if spec.ref_grad else None), None
 
 
@@ -231,8 +234,8 @@ def divide_by_traced_temperature(x: jax.Array, mask: jax.Array, temperature: jax
   sees neither NaN padding nor ``0 * inf``.
   """
   x = jnp.where(mask[:, None], x.astype(dtype), 0.0)
-  finite = x > -jnp.inf
-  return jnp.where(finite, jnp.where(finite, x, 0.0) / temperature, -jnp.inf)
+  banned = x == -jnp.inf  # by equality: a NaN entry is divided (and stays NaN)
+  return jnp.where(banned, -jnp.inf, jnp.where(banned, 0.0, x) / temperature)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -241,7 +244,8 @@ def divide_by_traced_temperature(x: jax.Array, mask: jax.Array, temperature: jax
 
 def per_position(logits, ref_logits, *, direction, where, temperature, beta, chunk_size,
                  ref_grad: bool = True, vocab_axis: str | None = None,
-                 partition: _sharding.Partition | None = None) -> jax.Array:
+                 partition: _sharding.Partition | None = None,
+                 implementation: str | None = None) -> jax.Array:
   """:func:`kl_per_position` with the internal switches the barrier and sharded paths use."""
   logits, ref_logits = jnp.asarray(logits), jnp.asarray(ref_logits)
   _checks.check_float("logits", logits)
@@ -250,7 +254,9 @@ def per_position(logits, ref_logits, *, direction, where, temperature, beta, chu
   _checks.check_same_shape("logits", logits, "ref_logits", ref_logits)
   direction, beta = resolve_direction(direction, beta)
   temp = _checks.check_positive_if_static("temperature", temperature)
+  impl = _config.implementation(implementation)
   lead, vocab = logits.shape[:-1], logits.shape[-1]
+  chunks = chunking(chunk_size, vocab)
   mask = _checks.check_where(where, lead, "positions (logits.shape[:-1])")
   layout = None if vocab_axis else _sharding.resolve(
       partition, lead, vocab, position_inputs=(logits, ref_logits, mask),
@@ -260,33 +266,35 @@ def per_position(logits, ref_logits, *, direction, where, temperature, beta, chu
     def local(a, b, m, t):
       return per_position(a, b, direction=direction, where=m, beta=beta, chunk_size=chunk_size,
                           temperature=temperature if t is None else t, ref_grad=ref_grad,
-                          vocab_axis=layout.vocab)
+                          vocab_axis=layout.vocab, implementation=impl)
 
     t = None if temp is not None else jnp.asarray(temperature)
     return _sharding.shard(local, layout, (logits, ref_logits, mask, t),
                            (layout.logits(), layout.logits(), layout.positions(), layout.scalar()))
   n = math.prod(lead)
+  dtype = _checks.compute_dtype(logits, ref_logits)
+  if n == 0:
+    return jnp.zeros(lead, dtype)
   a, b = logits.reshape(n, vocab), ref_logits.reshape(n, vocab)
   mask = jnp.ones((n,), bool) if mask is None else mask.reshape(n)
-  if n == 0:
-    return jnp.zeros(lead, _checks.compute_dtype(a, b))
-  if temp is None:  # traced temperature: scale outside the kernel so autodiff sees it
-    dtype = _checks.compute_dtype(a, b)
-    a, b = (divide_by_traced_temperature(x, mask, temperature, dtype) for x in (a, b))
-    temp = 1.0
-  spec = Spec(direction=direction, beta=beta, inv_temperature=1.0 / temp,
-              chunk=resolve_chunk_rows(chunk_size, n, vocab), ref_grad=ref_grad,
-              vocab_axis=vocab_axis)
-  if not ref_grad:
+  if not ref_grad:  # before any traced temperature, so d/dT keeps the reference's side
     b = jax.lax.stop_gradient(b)
-  return divergence_rows(a, b, mask, spec).reshape(lead)
+  kernel_ref_grad = ref_grad
+  if temp is None:  # traced temperature: scale outside the kernel so autodiff sees it
+    a, b = (divide_by_traced_temperature(x, mask, temperature, dtype) for x in (a, b))
+    temp, kernel_ref_grad = 1.0, True  # d/dT flows through the scaled reference too
+  spec = Spec(direction=direction, beta=beta, inv_temperature=1.0 / temp, chunks=chunks,
+              ref_grad=kernel_ref_grad, vocab_axis=vocab_axis)
+  rows = _xla.divergence_rows if impl == "xla" else divergence_rows
+  return rows(a, b, mask, spec).reshape(lead)
 
 
 def kl_per_position(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *,
                     direction: str = "reverse", where: jax.typing.ArrayLike | None = None,
                     temperature: float | jax.Array = 1.0, beta: float = 0.5,
                     chunk_size: int | None = None,
-                    partition: _sharding.Partition | None = None) -> jax.Array:
+                    partition: _sharding.Partition | None = None,
+                    implementation: str | None = None) -> jax.Array:
   """Divergence between the student's and the reference's next-token distributions, per position.
 
   With p = softmax(logits / T) and r = softmax(ref_logits / T) over the last axis:
@@ -297,9 +305,11 @@ def kl_per_position(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLi
   exactly KL(r || p), beta = 1 exactly KL(p || r)).
 
   Log-probabilities are valid inputs (log_softmax is idempotent). ``-inf`` entries are allowed
-  (0 log 0 = 0); a student entry with mass where the reference has none gives +inf, as the KL
-  does. Computed chunk by chunk in float32 with a custom VJP that recomputes, so only the inputs
-  and their gradients are ever ``[N, V]``.
+  (0 log 0 = 0, with a zero gradient); a student entry with mass where the reference has none
+  gives +inf, as the KL does; a student row that is all ``-inf`` gives 0. A NaN (or +inf) in
+  either row of a valid position gives NaN there: a diverged student never reads as KL 0.
+  By default computed block by block in float32 with a custom VJP that recomputes, so only the
+  inputs and their gradients are ever ``[N, V]``.
 
   Args:
     logits: student logits ``[..., V]``, any float dtype.
@@ -309,12 +319,18 @@ def kl_per_position(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLi
       where their logits are NaN or inf.
     temperature: T > 0 dividing both logits; may be traced (then differentiable).
     beta: weight of the reference in ``"js"``, a static number in [0, 1].
-    chunk_size: positions per chunk (per device when sharded); ``None`` lets the library
-      choose (memory-bounded).
+    chunk_size: at most this many positions per block (per device when sharded); the blocks
+      take rows spread over the whole batch, so the largest divisor of the position count
+      within it is used. ``None`` lets the library choose for the platform the computation is
+      lowered on (cache-sized blocks on CPU, device-filling ones on GPU and TPU).
     partition: a :class:`klagg_jax.Partition` naming the mesh axes the batch and the vocabulary
-      are split over, to run on each device's blocks without gathering logits. ``None`` reads
-      the layout off the inputs where JAX knows it (``Explicit`` mesh axes), else runs as one
-      program.
+      are split over, to run each device's blocks in a ``shard_map``. Not needed for sharded
+      inputs: on a classic ``Mesh`` under ``jit`` GSPMD partitions the kernel without gathering
+      logits, and on ``Explicit`` axes the layout is read off the inputs.
+    implementation: ``None`` (the library's choice: ``"chunked"``), ``"chunked"`` (the
+      memory-bounded custom-VJP kernel) or ``"xla"`` (the plain differentiable composition:
+      holds ``[N, V]`` float32 residuals for its backward pass, and supports forward-mode AD,
+      ``jax.jvp`` / ``jax.jacfwd``, which the custom VJP does not).
 
   Returns:
     float32 array of shape ``logits.shape[:-1]`` (float64 for float64 inputs with x64 on);
@@ -322,12 +338,12 @@ def kl_per_position(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLi
 
   Raises:
     ValueError: for a shape mismatch, V == 0, an unknown direction, beta outside [0, 1], a
-      static temperature <= 0, a bad ``where`` or ``chunk_size``, or a ``partition`` whose
-      axes are not in the mesh or do not divide the shapes.
+      static temperature <= 0, a bad ``where`` or ``chunk_size``, an unknown ``implementation``,
+      or a ``partition`` whose axes are not in the mesh or do not divide the shapes.
 
   Example:
     >>> kl = ka.kl_per_position(student_logits, base_logits, where=completion_mask)  # [B, T]
   """
   return per_position(logits, ref_logits, direction=direction, where=where,
                       temperature=temperature, beta=beta, chunk_size=chunk_size,
-                      partition=partition)
+                      partition=partition, implementation=implementation)

@@ -63,3 +63,22 @@ def safe_sqrt(s: jax.Array) -> jax.Array:
   """
   flat = s <= 0  # False for NaN: sqrt(NaN) = NaN passes through
   return jnp.where(flat, jnp.zeros_like(s), jnp.sqrt(jnp.where(flat, jnp.ones_like(s), s)))
+
+
+def propagate_nan(value: jax.Array, *sources: jax.Array) -> jax.Array:
+  """``value``, or NaN wherever any of ``sources`` (same shape) is NaN.
+
+  A kernel's conventions select between cases (an empty student row gives 0, an empty reference
+  row +inf); applied to its per-row statistics last, this keeps any of those selections from
+  turning a NaN in either input row into a number.
+  """
+  bad = jnp.zeros(value.shape, bool)
+  for s in sources:
+    bad = bad | jnp.isnan(s)
+  return jnp.where(bad, jnp.full_like(value, jnp.nan), value)
+
+
+def safe_log(s: jax.Array) -> jax.Array:
+  """log(s) with value -inf and gradient 0 (not inf * 0 = NaN) at ``s == 0``; NaN stays NaN."""
+  zero = is_zero(s)
+  return jnp.where(zero, jnp.full_like(s, -jnp.inf), jnp.log(jnp.where(zero, jnp.ones_like(s), s)))

@@ -347,7 +347,8 @@ def unshard(x: jax.Array, axes: Sequence[int]) -> jax.Array:
 
 
 def shard(kernel: Callable[..., jax.Array], layout: Layout, args: Sequence[jax.Array | None],
-          specs: Sequence[P], vary: Sequence[Sequence[str]] | None = None) -> jax.Array:
+          specs: Sequence[P], vary: Sequence[Sequence[str]] | None = None,
+          reduce_scalar: bool = False, out_specs: Any = None) -> Any:
   """Runs ``kernel(*args)`` on every device's blocks of ``args``; returns its per-position result.
 
   Args:
@@ -359,16 +360,23 @@ def shard(kernel: Callable[..., jax.Array], layout: Layout, args: Sequence[jax.A
     specs: the ``PartitionSpec`` of each argument under ``layout`` (ignored for None).
     vary: per argument, the mesh axes it is replicated over but its gradient is partial over;
       it is cast to vary over them, so its cotangent is ``psum``-ed over them. None: none.
+    reduce_scalar: the kernel returns a scalar sum over its local positions; it is ``psum``-ed
+      over the position axes' mesh axes into the global sum (replicated).
+    out_specs: the kernel's output specs when they are not one per-position array.
 
   Returns:
-    The per-position result, sharded as ``layout.positions()``.
+    The per-position result, sharded as ``layout.positions()``; or the global sum.
   """
   vary = vary or [()] * len(args)
   if not hasattr(jax, "shard_map"):
     raise ValueError(f"Sharded inputs need jax.shard_map, which JAX {jax.__version__} does not "
                      "have; upgrade JAX.")
+  def total(out):
+    return jax.lax.psum(out, layout.lead_axes) if reduce_scalar and layout.lead_axes else out
+
   if layout.manual:  # already inside a shard_map: args are the local blocks
-    return kernel(*[a if a is None or not v else cast_varying(a, v) for a, v in zip(args, vary)])
+    return total(kernel(*[a if a is None or not v else cast_varying(a, v)
+                          for a, v in zip(args, vary)]))
   present = [i for i, a in enumerate(args) if a is not None]
   arrays = [_conform(args[i], specs[i], layout.mesh) for i in present]
 
@@ -376,8 +384,9 @@ def shard(kernel: Callable[..., jax.Array], layout: Layout, args: Sequence[jax.A
     full = list(args)
     for i, x in zip(present, local):
       full[i] = cast_varying(x, vary[i]) if vary[i] else x
-    return kernel(*full)
+    return total(kernel(*full))
 
   mapped = jax.shard_map(body, mesh=layout.mesh, in_specs=tuple(specs[i] for i in present),
-                         out_specs=layout.positions())
+                         out_specs=out_specs if out_specs is not None
+                         else P() if reduce_scalar else layout.positions())
   return mapped(*arrays)

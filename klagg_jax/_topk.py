@@ -35,26 +35,61 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from klagg_jax import _checks, _fused
-from klagg_jax._chunked import resolve_chunk_rows, scan_row_chunks
+from klagg_jax import _checks, _config, _fused, _sharding, _xla
+from klagg_jax._chunked import Chunking, chunking, scan_row_chunks
 from klagg_jax._divergence import (Spec, block_backward, block_forward,
-                                   divide_by_traced_temperature, log_normalizer, prepare_block,
-                                   resolve_direction)
+                                   divide_by_traced_temperature, log_normalizer, log_probs,
+                                   prepare_block, resolve_direction, vsum)
+from klagg_jax._numerics import is_empty_row, stable_shift
 
 Teacher = tuple[jax.Array, jax.Array, jax.Array]  # (log-probs [C, k], indices [C, k], tail [C])
 
 
 # ------------------------------------------------------------------------------------------------
 # Block math on a [chunk, V] block of (prepared) student logits and the chunk's teacher data.
+# With ``spec.vocab_axis`` set (inside shard_map) the block is this device's slice of the
+# vocabulary, [chunk, V / shards]; the teacher's indices are global, so each device handles
+# the stored entries that fall in its slice and the per-row sums are psum-ed over the axis.
 
 
-def _stored_mask(x: jax.Array, idx: jax.Array) -> jax.Array:
-  """Boolean ``[C, V]``, True at the entries each row's teacher stored."""
-  rows = jnp.arange(x.shape[0])[:, None]
-  return jnp.zeros(x.shape, bool).at[rows, idx].set(True, mode="promise_in_bounds")
+def _local_indices(x: jax.Array, idx: jax.Array, axis_name: str | None):
+  """(indices into this device's vocabulary slice, whether each falls in it)."""
+  if axis_name is None:
+    return idx, jnp.ones(idx.shape, bool)
+  local = idx - jax.lax.axis_index(axis_name) * x.shape[-1]
+  return local, (local >= 0) & (local < x.shape[-1])
 
 
-def _cells(x: jax.Array, teacher: Teacher, outside_lse: jax.Array) -> tuple[jax.Array, jax.Array]:
+# Per-row gathers and scatters are written as vmaps over rows: XLA then sees the row axis as a
+# batch dimension of the gather/scatter, which GSPMD keeps sharded (an explicit row-index iota
+# is an ordinary index that it can only serve by gathering the operand).
+
+
+def _stored_mask(x: jax.Array, local: jax.Array, here: jax.Array) -> jax.Array:
+  """Boolean ``[C, V]``, True at the entries each row's teacher stored (of this slice)."""
+  spot = jnp.where(here, local, x.shape[-1])  # entries of other slices fall off the end
+  return _scatter_rows(jnp.zeros(x.shape, bool), spot, jnp.ones(spot.shape, bool), "set")
+
+
+def _scatter_rows(base: jax.Array, spot: jax.Array, values: jax.Array, how: str) -> jax.Array:
+  """``base[c, spot[c, j]] (how)= values[c, j]`` per row; out-of-range spots are dropped."""
+  def one(row, s, v):
+    ref = row.at[s]
+    return ref.set(v, mode="drop") if how == "set" else ref.add(v, mode="drop")
+  return jax.vmap(one)(base, spot, values)
+
+
+def _kept(x: jax.Array, local: jax.Array, here: jax.Array, axis_name: str | None) -> jax.Array:
+  """The student's logits at the stored entries, ``[C, k]``."""
+  got = jax.vmap(lambda row, i: row.at[i].get(mode="promise_in_bounds"))(
+      x, jnp.where(here, local, 0))
+  if axis_name is None:
+    return got
+  return jax.lax.psum(jnp.where(here, got, 0.0), axis_name)
+
+
+def _cells(kept: jax.Array, teacher: Teacher,
+           outside_lse: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The k + 1 cell log-probs of the student and cell logits of the teacher (stored, then tail).
 
   The student's cells are normalized here (shifted by their log-sum-exp, which is the row's)
@@ -63,32 +98,38 @@ def _cells(x: jax.Array, teacher: Teacher, outside_lse: jax.Array) -> tuple[jax.
   a divergence at the float32 rounding of the log-probs. The block math is invariant to that
   shift, so its gradient with respect to the shifted cells is the one with respect to the cells.
   """
-  lp, idx, tail = teacher
-  kept = jnp.take_along_axis(x, idx, axis=-1, mode="promise_in_bounds")
+  lp, _, tail = teacher
   a = jnp.concatenate([kept, outside_lse[:, None]], axis=-1)
-  lse = log_normalizer(a)
-  a = a - jnp.where(jnp.isfinite(lse), lse, 0.0)[:, None]
+  a = log_probs(a, log_normalizer(a))
   return a, jnp.concatenate([lp, tail[:, None]], axis=-1)
+
+
+def _cell_spec(spec: Spec) -> Spec:
+  """The k + 1 cells are whole on every device: their block math reduces over no mesh axis."""
+  return spec if spec.vocab_axis is None else dataclasses.replace(spec, vocab_axis=None)
 
 
 def topk_block_forward(x: jax.Array, teacher: Teacher, spec: Spec) -> tuple[jax.Array, tuple]:
   """Coarsened divergence of student rows from the stored teacher, with its backward's statistics.
 
   Args:
-    x: ``[C, V]`` student logits, already upcast, scaled by 1 / T and cleaned of masked rows
+    x: ``[C, V]`` student logits (this device's vocabulary slice when ``spec.vocab_axis`` is
+      set), already upcast, scaled by 1 / T and cleaned of masked rows
       (:func:`klagg_jax._divergence.prepare_block`).
     teacher: ``(log-probs [C, k], indices [C, k] int32 in [0, V), tail [C])`` as made by
       :func:`prepare_teacher`.
-    spec: the divergence's static configuration (``spec.vocab_axis`` must be None).
+    spec: the divergence's static configuration.
 
   Returns:
     ``(div [C], stats)``: ``stats`` is a tuple of ``[C]`` arrays for :func:`topk_block_backward`:
     the log-sum-exp of the student's logits outside the stored entries, then the statistics of
     the k + 1 cell divergence.
   """
-  outside_lse = log_normalizer(jnp.where(_stored_mask(x, teacher[1]), -jnp.inf, x))
-  a, b = _cells(x, teacher, outside_lse)
-  div, stats = block_forward(a, b, spec)
+  local, here = _local_indices(x, teacher[1], spec.vocab_axis)
+  outside = jnp.where(_stored_mask(x, local, here), -jnp.inf, x)
+  outside_lse = log_normalizer(outside, spec.vocab_axis)
+  a, b = _cells(_kept(x, local, here, spec.vocab_axis), teacher, outside_lse)
+  div, stats = block_forward(a, b, _cell_spec(spec))
   return div, (outside_lse, *stats)
 
 
@@ -99,14 +140,73 @@ def topk_block_backward(x: jax.Array, teacher: Teacher, stats: tuple, spec: Spec
   exp(x_v - lse_outside), its share of the student's tail mass (0 when the tail is empty).
   """
   outside_lse, *cell_stats = stats
-  stored = _stored_mask(x, teacher[1])
-  a, b = _cells(x, teacher, outside_lse)
-  da, _ = block_backward(a, b, cell_stats, spec)
-  has_tail = (outside_lse > -jnp.inf)[:, None]
-  shift = jnp.where(has_tail, outside_lse[:, None], 0.0)
-  share = jnp.where(stored | ~has_tail, 0.0, jnp.exp(x - shift))
-  rows = jnp.arange(x.shape[0])[:, None]
-  return (da[:, -1:] * share).at[rows, teacher[1]].add(da[:, :-1], mode="promise_in_bounds")
+  local, here = _local_indices(x, teacher[1], spec.vocab_axis)
+  stored = _stored_mask(x, local, here)
+  a, b = _cells(_kept(x, local, here, spec.vocab_axis), teacher, outside_lse)
+  da, _ = block_backward(a, b, cell_stats, _cell_spec(spec))
+  no_tail = is_empty_row(outside_lse)[:, None]
+  share = jnp.where(stored | no_tail, 0.0, jnp.exp(x - stable_shift(outside_lse)[:, None]))
+  spot = jnp.where(here, local, x.shape[-1])
+  return _scatter_rows(da[:, -1:] * share, spot, da[:, :-1], "add")
+
+
+def topk_block_value_and_grad(x: jax.Array, teacher: Teacher,
+                              spec: Spec) -> tuple[jax.Array, jax.Array]:
+  """(div [C], d div / d x [C, V]) in one pass (the fused scalar kernel's forward)."""
+  div, stats = topk_block_forward(x, teacher, spec)
+  return div, topk_block_backward(x, teacher, stats, spec)
+
+
+def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """``jax.lax.top_k`` along the last axis, written so GSPMD keeps the other axes sharded.
+
+  Shardy has no sharding rule for XLA's ``TopK`` and gathers a batch-sharded operand whole
+  (measured on 8 simulated devices: every row block all-gathered). It has one for
+  ``ApproxTopK``, which XLA lowers, off TPU and at ``recall_target=1``, to that same exact
+  ``TopK`` after partitioning (the same values, indices and tie order, lower index first, and
+  the same speed on CPU: tested). On TPU ``ApproxTopK`` is approximate, so TPU takes
+  ``lax.top_k``.
+  """
+  return jax.lax.platform_dependent(
+      x, tpu=lambda x: jax.lax.top_k(x, k),
+      default=lambda x: jax.lax.approx_max_k(x, k, recall_target=1.0))
+
+
+_TOP_K_GROUPS = 64  # vocabulary groups of the two-level top-k (a multiple of any power-of-2 split)
+
+
+def top_k_rows(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """The k largest entries of each row of ``[C, V]`` and their indices, ties by lower index.
+
+  Two levels: the vocabulary is viewed as ``G`` contiguous groups (``[C, G, V / G]``, a free
+  reshape; ``G`` a power of two dividing V), each group keeps its own top k, and the ``G k``
+  candidates are reduced to the final k. Exact, and when GSPMD has split the vocabulary over
+  devices (a power-of-two count dividing ``G``), every group lives on one device: only the
+  candidates cross devices, never the logits.
+  """
+  c, v = x.shape
+  groups = _TOP_K_GROUPS
+  while groups > 1 and (v % groups or v // groups < k or groups * k >= v):
+    groups //= 2
+  if groups == 1:
+    return _top_k(x, k)
+  width = v // groups
+  values, index = _top_k(x.reshape(c, groups, width), k)
+  index = index + (jnp.arange(groups, dtype=index.dtype) * width)[None, :, None]
+  values, pos = _top_k(values.reshape(c, groups * k), k)
+  return values, jax.vmap(lambda row, p: row[p])(index.reshape(c, groups * k), pos)
+
+
+def _gather_columns(x: jax.Array, axis_name: Any) -> jax.Array:
+  """``[C, m]`` per device -> ``[C, shards * m]``, every device's block side by side.
+
+  Written as a psum of zero-padded blocks rather than an all-gather so that the result is typed
+  as the same on every device (shard_map's replication check; the sums add zeros only).
+  """
+  shards = jax.lax.psum(1, axis_name)
+  blocks = jnp.zeros((x.shape[0], shards, x.shape[1]), x.dtype)
+  blocks = jax.lax.dynamic_update_index_in_dim(blocks, x, jax.lax.axis_index(axis_name), axis=1)
+  return jax.lax.psum(blocks, axis_name).reshape(x.shape[0], shards * x.shape[1])
 
 
 def teacher_tail(ref_logprobs: jax.Array) -> jax.Array:
@@ -136,16 +236,18 @@ def prepare_teacher(lp: jax.Array, idx: jax.Array, tail: jax.Array, mask: jax.Ar
 # The chunked kernel with its custom VJP (gradient into the student's logits only).
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def topk_rows(a: jax.Array, lp: jax.Array, idx: jax.Array, tail: jax.Array, mask: jax.Array,
-              spec: Spec) -> jax.Array:
-  """Per-row coarsened divergence of student logits ``a`` [N, V] from teacher data [N, k]."""
-  return _rows_fwd(a, lp, idx, tail, mask, spec)[0]
+              spec: Spec, vocab: int) -> jax.Array:
+  """Per-row coarsened divergence of student logits ``a`` [N, V] from teacher data [N, k].
+
+  ``vocab`` is the global vocabulary size (``a`` holds a slice of it when ``spec.vocab_axis``).
+  """
+  return _rows_fwd(a, lp, idx, tail, mask, spec, vocab)[0]
 
 
-def _rows_fwd(a, lp, idx, tail, mask, spec):
+def _rows_fwd(a, lp, idx, tail, mask, spec, vocab):
   dtype = _checks.compute_dtype(a, lp, tail)
-  vocab = a.shape[-1]
 
   def body(part, fresh, carry):
     a_c, lp_c, idx_c, tail_c, m_c = part
@@ -153,14 +255,13 @@ def _rows_fwd(a, lp, idx, tail, mask, spec):
                                     prepare_teacher(lp_c, idx_c, tail_c, m_c, vocab, dtype), spec)
     return carry, [jnp.where(m_c, div, 0.0), *stats]
 
-  _, outs = scan_row_chunks(body, (a, lp, idx, tail, mask), spec.chunk)
+  _, outs = scan_row_chunks(body, (a, lp, idx, tail, mask), spec.chunks)
   return outs[0], (a, lp, idx, tail, mask, tuple(outs[1:]))
 
 
-def _rows_bwd(spec, residuals, g):
+def _rows_bwd(spec, vocab, residuals, g):
   a, lp, idx, tail, mask, stats = residuals
   dtype = _checks.compute_dtype(a, lp, tail)
-  vocab = a.shape[-1]
   scale = jnp.asarray(spec.inv_temperature, dtype)
 
   def body(part, fresh, carry):
@@ -170,7 +271,7 @@ def _rows_bwd(spec, residuals, g):
     w = jnp.where(m_c, g_c.astype(dtype) * scale, 0.0)[:, None]
     return carry, [jnp.where(m_c[:, None], w * dx, 0.0).astype(a.dtype)]
 
-  _, grads = scan_row_chunks(body, (a, lp, idx, tail, mask, g, *stats), spec.chunk)
+  _, grads = scan_row_chunks(body, (a, lp, idx, tail, mask, g, *stats), spec.chunks)
   return grads[0], None, None, None, None
 
 
@@ -264,13 +365,33 @@ def _check_indices_if_static(idx: jax.Array, mask: jax.Array | None, vocab: int)
                      "distinct vocabulary indices per position.")
 
 
-def _setup(direction, beta, temperature, chunk_size, n, vocab) -> tuple[Spec | None, float | None]:
+def _spec(direction, beta, temperature, chunks: Chunking) -> tuple[Spec, float | None]:
   direction, beta = resolve_direction(direction, beta)
   temp = _checks.check_positive_if_static("temperature", temperature)
-  chunk = resolve_chunk_rows(chunk_size, max(n, 1), vocab)
   spec = Spec(direction=direction, beta=beta, inv_temperature=1.0 if temp is None else 1.0 / temp,
-              chunk=chunk, ref_grad=False)
+              chunks=chunks, ref_grad=False)
   return spec, temp
+
+
+# ------------------------------------------------------------------------------------------------
+# The plain (implementation="xla") composition of kl_topk, differentiated by JAX.
+
+
+def xla_topk_rows(a: jax.Array, lp: jax.Array, idx: jax.Array, tail: jax.Array,
+                  mask: jax.Array, spec: Spec, vocab: int) -> jax.Array:
+  """:func:`topk_rows` as one differentiable composition (no custom VJP, no loop)."""
+  dtype = _checks.compute_dtype(a, lp, tail)
+  x = prepare_block(a, mask, spec, dtype)
+  return _xla_cells_divergence(x, prepare_teacher(lp, idx, tail, mask, vocab, dtype), mask, spec)
+
+
+def _xla_cells_divergence(x: jax.Array, teacher: Teacher, mask: jax.Array, spec: Spec):
+  local, here = _local_indices(x, teacher[1], spec.vocab_axis)
+  outside = jnp.where(_stored_mask(x, local, here), -jnp.inf, x)
+  a, b = _cells(_kept(x, local, here, spec.vocab_axis),
+                teacher, log_normalizer(outside, spec.vocab_axis))
+  cell_spec = dataclasses.replace(_cell_spec(spec), inv_temperature=1.0)
+  return _xla.divergence_rows(a, b, mask, cell_spec)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,7 +399,9 @@ def _setup(direction, beta, temperature, chunk_size, n, vocab) -> tuple[Spec | N
 
 
 def topk_logprobs(ref_logits: jax.typing.ArrayLike, k: int, *,
-                  temperature: float | jax.Array = 1.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  temperature: float | jax.Array = 1.0, chunk_size: int | None = None,
+                  partition: _sharding.Partition | None = None,
+                  implementation: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """What to store of a teacher per position: its top-k log-probs, their indices, its tail.
 
   With r = softmax(ref_logits / T): the k largest log r_v sorted by decreasing probability (ties
@@ -310,32 +433,58 @@ def topk_logprobs(ref_logits: jax.typing.ArrayLike, k: int, *,
   lead, vocab = x.shape[:-1], x.shape[-1]
   k = check_k(k, vocab, "k")
   temp = _checks.check_positive_if_static("temperature", temperature)
+  impl = _config.implementation(implementation)
+  chunks = chunking(chunk_size, vocab)
   dtype = _checks.compute_dtype(x)
   n = math.prod(lead)
   if n == 0:
     return (jnp.zeros(lead + (k,), dtype), jnp.zeros(lead + (k,), jnp.int32),
             jnp.zeros(lead, dtype))
-  inv_t = None if temp is None else 1.0 / temp
+  layout = _sharding.resolve(partition, lead, vocab, position_inputs=(x,),
+                             vocab_inputs=((x, -1),))
+  t = None if temp is not None else jnp.asarray(temperature)
+  kernel = functools.partial(_topk_logprobs_local, k=k, inv_t=None if temp is None else 1.0 / temp,
+                             chunks=chunks, impl=impl, dtype=dtype, vocab=vocab,
+                             vocab_axis=None if layout is None else layout.vocab)
+  if layout is None:
+    return kernel(x, t)
+  return _sharding.shard(kernel, layout, (x, t), (layout.logits(), layout.scalar()),
+                         out_specs=(layout.rows(), layout.rows(), layout.positions()))
+
+
+def _topk_logprobs_local(x, temperature, *, k, inv_t, chunks, impl, dtype, vocab, vocab_axis):
+  """:func:`topk_logprobs` on (per-device) blocks; a sharded vocabulary merges per-device top-k."""
+  lead, width = x.shape[:-1], x.shape[-1]
+  n = math.prod(lead)
 
   def body(part, fresh, carry):
     x_c = part[0].astype(dtype)
     x_c = x_c * jnp.asarray(inv_t, dtype) if inv_t is not None else x_c / temperature
-    lse = log_normalizer(x_c)
-    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)[:, None]
-    values, indices = jax.lax.top_k(x_c, k)
-    outside = log_normalizer(jnp.where(_stored_mask(x_c, indices), -jnp.inf, x_c))
-    return carry, [values - lse, indices.astype(jnp.int32), outside - lse[:, 0]]
+    lse = log_normalizer(x_c, vocab_axis)
+    values, indices = top_k_rows(x_c, min(k, width))
+    if vocab_axis is not None:  # merge the shards' candidates: [C, k] per shard, not logits
+      indices = indices + jax.lax.axis_index(vocab_axis) * width
+      values, indices = (_gather_columns(t, vocab_axis) for t in (values, indices))
+      values, pos = jax.lax.top_k(values, k)
+      indices = jnp.take_along_axis(indices, pos, axis=1)
+    local, here = _local_indices(x_c, indices, vocab_axis)
+    outside = log_normalizer(jnp.where(_stored_mask(x_c, local, here), -jnp.inf, x_c),
+                             vocab_axis)
+    shift = stable_shift(lse)
+    return carry, [values - shift[:, None], indices.astype(jnp.int32), outside - shift]
 
-  chunk = resolve_chunk_rows(None, n, vocab)
-  _, (values, indices, tail) = scan_row_chunks(body, (x.reshape(n, vocab),), chunk)
+  if impl == "xla":
+    chunks = Chunking(n, vocab)  # one block: the plain composition
+  _, (values, indices, tail) = scan_row_chunks(body, (x.reshape(n, width),), chunks)
   return values.reshape(lead + (k,)), indices.reshape(lead + (k,)), tail.reshape(lead)
 
 
 def kl_topk(logits: jax.typing.ArrayLike, ref_logprobs: jax.typing.ArrayLike,
-            ref_indices: jax.typing.ArrayLike, *, ref_tail: jax.typing.ArrayLike | None = None,
+            ref_indices: jax.typing.ArrayLike, ref_tail: jax.typing.ArrayLike | None = None, *,
             direction: str = "forward", where: jax.typing.ArrayLike | None = None,
             temperature: float | jax.Array = 1.0, beta: float = 0.5,
-            chunk_size: int | None = None) -> jax.Array:
+            chunk_size: int | None = None, partition: _sharding.Partition | None = None,
+            implementation: str | None = None) -> jax.Array:
   """Divergence between the student and a stored top-k teacher, both coarsened to k + 1 cells.
 
   With p = softmax(logits / T) and the teacher's stored log-probs lr_j at indices i_j: the cells
@@ -390,49 +539,80 @@ def kl_topk(logits: jax.typing.ArrayLike, ref_logprobs: jax.typing.ArrayLike,
   _checks.check_vocab("logits", logits)
   lead, vocab = logits.shape[:-1], logits.shape[-1]
   lp, idx, tail, mask = teacher_rows(lead, vocab, ref_logprobs, ref_indices, ref_tail, where)
-  n = math.prod(lead)
-  spec, temp = _setup(direction, beta, temperature, chunk_size, n, vocab)
+  spec, temp = _spec(direction, beta, temperature, chunking(chunk_size, vocab))
+  impl = _config.implementation(implementation)
   dtype = _checks.compute_dtype(logits, lp, tail)
-  if n == 0:
+  if math.prod(lead) == 0:
     return jnp.zeros(lead, dtype)
-  a = logits.reshape(n, vocab)
-  k = lp.shape[-1]
+  layout = _sharding.resolve(partition, lead, vocab,
+                             position_inputs=(logits, lp, idx, tail, mask),
+                             vocab_inputs=((logits, -1),))
+  t = None if temp is not None else jnp.asarray(temperature)
+  kernel = functools.partial(_kl_topk_local, spec=spec, impl=impl, dtype=dtype, vocab=vocab,
+                             vocab_axis=None if layout is None else layout.vocab)
+  args = (logits, lp, idx, tail, mask, t)
+  if layout is None:
+    return kernel(*args)
+  return _sharding.shard(kernel, layout, args,
+                         (layout.logits(), layout.rows(), layout.rows(), layout.positions(),
+                          layout.positions(), layout.scalar()))
+
+
+def _kl_topk_local(logits, lp, idx, tail, mask, temperature, *, spec, impl, dtype, vocab,
+                   vocab_axis):
+  """:func:`kl_topk` on (per-device) blocks."""
+  lead, width = logits.shape[:-1], logits.shape[-1]
+  n, k = math.prod(lead), lp.shape[-1]
+  a = logits.reshape(n, width)
   mask = jnp.ones((n,), bool) if mask is None else mask.reshape(n)
-  if temp is None:  # traced temperature: scale outside the kernel so autodiff sees it
+  if temperature is not None:  # traced: scale outside the kernel so autodiff sees it
     a = divide_by_traced_temperature(a, mask, temperature, dtype)
-  out = topk_rows(a, lp.reshape(n, k), idx.reshape(n, k), tail.reshape(n), mask, spec)
+  spec = dataclasses.replace(spec, vocab_axis=vocab_axis)
+  rows = xla_topk_rows if impl == "xla" else topk_rows
+  out = rows(a, lp.reshape(n, k), idx.reshape(n, k), tail.reshape(n), mask, spec, vocab)
   return out.reshape(lead)
 
 
 # ------------------------------------------------------------------------------------------------
-# Fused with the LM head: the student's logits are made per chunk by klagg_jax._fused.
+# Fused with the LM head: the student's logits are made per block by klagg_jax._fused.
 
 
 @dataclasses.dataclass(frozen=True)
 class TopkReference:
-  """The stored top-k teacher as the reference side of :func:`klagg_jax._fused.fused_rows`.
+  """The stored top-k teacher as the reference side of :mod:`klagg_jax._fused`'s kernels.
 
-  Row data: ``(log-probs [N, k], indices [N, k], tail [N])``; no constants.
+  Row data: ``(log-probs [N, k], indices [N, k], tail [N])``; no constants. ``vocab`` is the
+  global vocabulary size.
   """
   spec: Spec
   vocab: int
 
+  def _teacher(self, logits, ref_rows, mask):
+    return prepare_teacher(*ref_rows, mask, self.vocab, logits.dtype)
+
   def forward(self, logits, ref_rows, ref_consts, mask):
-    teacher = prepare_teacher(*ref_rows, mask, self.vocab, logits.dtype)
-    return topk_block_forward(logits, teacher, self.spec)
+    return topk_block_forward(logits, self._teacher(logits, ref_rows, mask), self.spec)
 
   def backward(self, logits, ref_rows, ref_consts, stats, mask):
-    teacher = prepare_teacher(*ref_rows, mask, self.vocab, logits.dtype)
-    return topk_block_backward(logits, teacher, stats, self.spec)
+    return topk_block_backward(logits, self._teacher(logits, ref_rows, mask), stats, self.spec)
+
+  def value_and_grad(self, logits, ref_rows, ref_consts, mask):
+    return topk_block_value_and_grad(logits, self._teacher(logits, ref_rows, mask), self.spec)
+
+  def xla(self, logits, ref_rows, ref_consts, mask):
+    return _xla_cells_divergence(logits, self._teacher(logits, ref_rows, mask), mask, self.spec)
 
 
 def fused_linear_kl_topk(hidden: jax.typing.ArrayLike, weight: jax.typing.ArrayLike,
-                         ref_logprobs: jax.typing.ArrayLike, ref_indices: jax.typing.ArrayLike, *,
-                         ref_tail: jax.typing.ArrayLike | None = None,
+                         ref_logprobs: jax.typing.ArrayLike, ref_indices: jax.typing.ArrayLike,
+                         ref_tail: jax.typing.ArrayLike | None = None, *,
                          bias: jax.typing.ArrayLike | None = None, weight_layout: str = "dv",
                          direction: str = "forward", where: jax.typing.ArrayLike | None = None,
                          temperature: float = 1.0, beta: float = 0.5,
-                         chunk_size: int | None = None) -> jax.Array:
+                         chunk_size: int | None = None, reduction: str | None = None,
+                         accum_dtype: Any = jnp.float32, precision: Any = None,
+                         partition: _sharding.Partition | None = None,
+                         implementation: str | None = None) -> jax.Array:
   """:func:`kl_topk` of the logits ``hidden @ weight + bias``, never materializing them.
 
   Same value as ``kl_topk(hidden @ weight + bias, ref_logprobs, ref_indices, ...)``: both
@@ -474,20 +654,45 @@ def fused_linear_kl_topk(hidden: jax.typing.ArrayLike, weight: jax.typing.ArrayL
   vocab = _fused.check_linear(hidden, weight, bias, weight_layout)
   lead = hidden.shape[:-1]
   lp, idx, tail, mask = teacher_rows(lead, vocab, ref_logprobs, ref_indices, ref_tail, where)
+  spec, _ = _spec(direction, beta, _fused.static_temperature(temperature, "fused_linear_kl_topk"),
+                  chunking(chunk_size, vocab, fused=True))
+  reduction = _fused.check_reduction(reduction)
+  config = dict(accum_dtype=_fused.resolve_accum_dtype(accum_dtype),
+                precision=_fused.resolve_precision(precision),
+                impl=_config.implementation(implementation))
   n = math.prod(lead)
-  spec, temp = _setup(direction, beta, temperature, chunk_size, n, vocab)
-  if temp is None:
-    raise ValueError("fused_linear_kl_topk needs a static temperature (a Python number); got a "
-                     "traced value. Scale hidden or weight instead.")
   if n == 0:
-    return jnp.zeros(lead, _checks.compute_dtype(hidden, weight))
-  chunk = (_fused.default_fused_chunk(n, vocab) if chunk_size is None else spec.chunk)
-  spec = dataclasses.replace(spec, chunk=chunk)
-  fused_spec = _fused.FusedSpec(chunk=chunk, weight_layout=weight_layout,
+    return _fused.empty_result(lead, reduction, _checks.compute_dtype(hidden, weight))
+  v_axis = 1 if weight_layout == "dv" else 0
+  layout = _sharding.resolve(partition, lead, vocab,
+                             position_inputs=(hidden, lp, idx, tail, mask),
+                             vocab_inputs=((weight, v_axis), (bias, 0)))
+  kernel = functools.partial(_fused_topk_local, spec=spec, vocab=vocab,
+                             weight_layout=weight_layout, reduction=reduction,
+                             vocab_axis=None if layout is None else layout.vocab, **config)
+  args = (hidden, weight, bias, lp, idx, tail, mask)
+  specs = vary = None
+  if layout is not None:  # as fused_linear_kl: partial gradients psum-ed by shard_map's transpose
+    w_spec, b_spec = layout.vocab_matrix(weight_layout), layout.vocab_vector()
+    specs = (layout.rows(), w_spec, b_spec, layout.rows(), layout.rows(), layout.positions(),
+             layout.positions())
+    vary = (layout.vocab_axes, layout.lead_axes, layout.lead_axes, (), (), (), ())
+  out = _fused.run(kernel, layout, args, specs, vary, reduction)
+  return _fused.finish(out, reduction, mask, n, layout)
+
+
+def _fused_topk_local(hidden, weight, bias, lp, idx, tail, mask, *, spec, vocab, weight_layout,
+                      reduction, accum_dtype, precision, impl, vocab_axis):
+  """:func:`fused_linear_kl_topk` on (per-device) blocks."""
+  lead = hidden.shape[:-1]
+  n, k = math.prod(lead), lp.shape[-1]
+  spec = dataclasses.replace(spec, vocab_axis=vocab_axis)
+  fused_spec = _fused.FusedSpec(chunks=spec.chunks, weight_layout=weight_layout,
                                 inv_temperature=spec.inv_temperature,
-                                block=TopkReference(spec, vocab))
-  k = lp.shape[-1]
+                                block=TopkReference(spec, vocab), precision=precision,
+                                accum_dtype=accum_dtype)
   mask = jnp.ones((n,), bool) if mask is None else mask.reshape(n)
   ref_rows = (lp.reshape(n, k), idx.reshape(n, k), tail.reshape(n))
-  out = _fused.fused_rows(hidden.reshape(n, -1), weight, bias, ref_rows, (), mask, fused_spec)
-  return out.reshape(lead)
+  out = _fused.apply(hidden.reshape(n, -1), weight, bias, ref_rows, (), mask, fused_spec,
+                     reduction=reduction, implementation=impl)
+  return out if reduction is not None else out.reshape(lead)

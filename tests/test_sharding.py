@@ -46,7 +46,7 @@ else:
 
   import klagg_jax as ka
 
-  B, T, V, D = 4, 16, 256, 24
+  B, T, V, D = 8, 16, 256, 24
   N_DEV = 8
   LOGITS_BLOCK = B * T * V // N_DEV  # one device's share of the logits
   EXPLICIT = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
@@ -180,7 +180,88 @@ else:
     assert all(n < LOGITS_BLOCK for n in moved_elements(hlo))
 
   # ----------------------------------------------------------------------------------------------
-  # Auto axes (classic GSPMD): the layout comes from partition=.
+  # Every public kernel, on a classic Mesh (Auto axes) under jit with no annotation, and on
+  # Explicit axes: one device's values and gradients, outputs sharded like inputs, and nothing
+  # logits-, hidden- or [N, k]-sized moved between devices.
+
+  CLASSIC = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+  LAYOUTS4 = dict(LAYOUTS, batch2=(("data", "model"), None))
+  K = 8
+
+  def every_kernel(a, b, mask, w, h, rh, wt, rwt, lp, idx, tail):
+    """Every public kernel in one program (one compilation per layout), values and gradients."""
+    out = {}
+    kl, vjp = jax.vjp(lambda a, b: ka.kl_per_position(a, b, where=mask, chunk_size=12), a, b)
+    out["kl"] = (kl, vjp(w))
+    out["barrier"] = jax.value_and_grad(lambda a: ka.kl_barrier(
+        a, b, where=mask, agg="p95", tau=0.05, chunk_size=16)[0])(a)
+    out["topk_logprobs"] = ka.topk_logprobs(b, K, chunk_size=16)
+    out["kl_topk"] = jax.value_and_grad(lambda a: (ka.kl_topk(
+        a, lp, idx, tail, where=mask, chunk_size=12) * w).sum())(a)
+    fused = lambda h, wt, **kw: ka.fused_linear_kl(h, wt, rh, rwt, where=mask, chunk_size=12,
+                                                   direction="js", **kw)
+    out["fused"] = jax.value_and_grad(lambda h, wt: (fused(h, wt) * w).sum(), (0, 1))(h, wt)
+    out["fused_mean"] = jax.value_and_grad(lambda h, wt: fused(h, wt, reduction="mean"),
+                                           (0, 1))(h, wt)
+    out["fused_topk"] = jax.value_and_grad(lambda h, wt: ka.fused_linear_kl_topk(
+        h, wt, lp, idx, tail, where=mask, chunk_size=16, reduction="sum"), (0, 1))(h, wt)
+    est = ka.kl_estimate(jax.nn.log_sigmoid(w), jax.nn.log_sigmoid(0.5 * w + 0.1), where=mask)
+    out["estimate"] = (est, ka.aggregate(est, "cvar90", where=mask, axis=None))
+    return out
+
+  def host_inputs(seed):
+    p = data(seed)
+    lp, idx, tail = ka.topk_logprobs(p["b"], K)
+    return (p["a"], p["b"], p["mask"], p["w"], p["h"], p["rh"], p["wt"], p["rwt"],
+            np.asarray(lp), np.asarray(idx), np.asarray(tail))
+
+  @pytest.mark.parametrize("kind", ["auto", "explicit"])
+  @pytest.mark.parametrize("layout", list(LAYOUTS4))
+  def test_every_kernel_without_partition_matches_one_device(kind, layout):
+    host = host_inputs(7)
+    want = jax.jit(every_kernel)(*host)
+    mesh = CLASSIC if kind == "auto" else EXPLICIT
+    bs, vs = LAYOUTS4[layout]
+    specs = ((bs, None, vs), (bs, None, vs), (bs, None), (bs, None), (bs, None, None),
+             (bs, None, None), (None, vs), (None, vs), (bs, None, None), (bs, None, None),
+             (bs, None))
+    args = [put(x, mesh, *s) for x, s in zip(host, specs)]
+    got, hlo = run(every_kernel, *args)
+    for name in want:
+      assert_tree_close(got[name], want[name], f"{kind} {layout} {name}")
+    def laid_out(x, *spec):
+      return x.sharding.is_equivalent_to(NamedSharding(mesh, P(*spec)), x.ndim)
+
+    # Outputs and gradients come back sharded like their inputs.
+    assert laid_out(got["kl"][0], bs, None)
+    assert laid_out(got["kl"][1][0], bs, None, vs) and laid_out(got["kl"][1][1], bs, None, vs)
+    assert laid_out(got["barrier"][1], bs, None, vs)
+    assert laid_out(got["kl_topk"][1], bs, None, vs)
+    for name in ("fused", "fused_mean", "fused_topk"):
+      d_hidden, d_weight = got[name][1]
+      assert laid_out(d_hidden, bs, None, None) and laid_out(d_weight, None, vs), name
+    # Nothing logits-, hidden- or [N, k]-sized moves: a sharded vocabulary exchanges per-row
+    # statistics and top-k candidates; a sharded batch only the B * T per-position values that
+    # the global quantile (cvar90 over axis=None) needs.
+    moved = moved_elements(hlo)
+    assert all(n < min(LOGITS_BLOCK, B * T * K) for n in moved), (kind, layout, moved)
+    if vs is None:
+      assert all(n <= B * T for n in moved), (kind, layout, moved)
+
+  def test_a_chunk_that_does_not_divide_the_rows_per_device():
+    # 64 positions, 32 per device: blocks of at most 5 rows take 4-row blocks (no gather),
+    # and blocks of at most 7 a prime-free divisor too; values and gradients as on one device.
+    host = host_inputs(8)
+    for chunk in (5, 7, 30):
+      f = lambda a, b, mask: jax.value_and_grad(lambda a: ka.kl_barrier(
+          a, b, where=mask, chunk_size=chunk)[0])(a)
+      want = jax.jit(f)(*host[:3])
+      got, hlo = run(f, *[put(x, CLASSIC, "data", *([None] * (x.ndim - 1))) for x in host[:3]])
+      assert_tree_close(got, want, f"chunk {chunk}")
+      assert moved_elements(hlo) == [], chunk
+
+  # ----------------------------------------------------------------------------------------------
+  # Auto axes with partition=: the explicit override (shard_map).
 
   def test_auto_axes_with_partition_argument():
     p = data(4)

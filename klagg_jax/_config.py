@@ -1,0 +1,116 @@
+"""Defaults that depend on the device: one small table, read where the computation is lowered.
+
+The kernels loop over blocks of positions. How many rows a block should hold depends on the
+device the inputs live on: on a CPU, a block that stays in the cache across the kernel's passes;
+on a GPU or TPU, blocks large enough to fill the device (XLA's GPU fusions stream the rows of a
+block without materializing its ``[rows, V]`` temporaries, so the bytes below are a bound on
+the *logical* block, not on memory actually allocated).
+
+The choice is made with :func:`jax.lax.platform_dependent`, so it follows the platform the
+computation is lowered for (the inputs' devices), not ``jax.default_backend()``: ``topk_logprobs``
+run on the host CPU of a GPU machine takes the CPU blocks. When every platform would run the same
+plan (small inputs, or a ``chunk_size`` given), one plan is traced and no branch is staged out.
+
+Measurements behind the numbers (BENCHMARKS.md has the tables):
+
+* CPU (this project's 2-core machine): 2 MiB float32 blocks for the divergences (a block that fits
+  L2 across the passes: 2.8x faster than jax.numpy at N=2048, V=32768); 32 MiB for the fused
+  head, whose blocks feed matmuls (256-row chunks at V=32768: 2x faster than 64-row ones).
+* GPU (an H200, N=8192, V=131072, bf16): 128-row blocks were the slowest of six sizes tried; every
+  size from 512 rows up was faster, and one block of all 8192 rows gave the fastest gradient
+  (3.9 ms against 5.5 ms at 2048 rows, 16 MiB of temp). Hence a 4 GiB logical budget: one block
+  up to N * V = 2^30.
+* TPU: unmeasured; the GPU's reasoning (large blocks, fused streaming) is assumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
+
+import jax
+
+_T = TypeVar("_T")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlatformConfig:
+  """Block sizes and workarounds for one platform.
+
+  Attributes:
+    name: the platform's name, as ``jax.lax.platform_dependent`` knows it.
+    block_bytes: bytes of one logical float32 ``[rows, V]`` block of the divergence kernels.
+    fused_block_bytes: the same for the fused LM-head kernels (their blocks feed matmuls).
+    int_view_16bit: slice and store 16-bit floats through a same-width integer view (XLA:CPU
+      converts a whole bf16 operand to float32 to slice it, and a whole bf16 buffer to update it).
+  """
+  name: str
+  block_bytes: int
+  fused_block_bytes: int
+  int_view_16bit: bool = False
+
+  def rows(self, vocab: int, *, fused: bool = False) -> int:
+    """Rows of a ``[rows, vocab]`` float32 block within this platform's budget (at least 1)."""
+    budget = self.fused_block_bytes if fused else self.block_bytes
+    return max(1, budget // (4 * max(vocab, 1)))
+
+
+CPU = PlatformConfig("cpu", block_bytes=1 << 21, fused_block_bytes=1 << 25, int_view_16bit=True)
+GPU = PlatformConfig("gpu", block_bytes=1 << 32, fused_block_bytes=5 << 28)
+TPU = PlatformConfig("tpu", block_bytes=1 << 32, fused_block_bytes=5 << 28)
+
+# Platform names as the lowering knows them; anything else takes the GPU's reasoning.
+PLATFORMS: dict[str, PlatformConfig] = {"cpu": CPU, "cuda": GPU, "rocm": GPU, "tpu": TPU}
+DEFAULT = GPU
+
+
+IMPLEMENTATIONS = ("chunked", "xla")
+
+
+def implementation(name: str | None) -> str:
+  """Validates ``implementation=`` and resolves None to the library's choice.
+
+  ``"chunked"``: the custom-VJP kernels that loop over blocks of positions (memory-bounded,
+  recomputing in the backward pass). ``"xla"``: the plain differentiable jax.numpy composition,
+  the reference, and the path for forward-mode AD (``jax.jvp``, ``jax.jacfwd``), which a custom
+  VJP does not support. None takes ``"chunked"`` on every platform: it was the faster of the two
+  wherever measured (CPU, and GPU at the device-sized blocks chosen here) and holds no ``[N, V]``
+  float32 residual. A ``"pallas"`` kernel would slot in here, tried first on the platforms it
+  supports.
+
+  Raises:
+    ValueError: for a name that is not None, ``"chunked"`` or ``"xla"``.
+  """
+  if name is None:
+    return "chunked"
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"Unknown implementation {name!r}; expected None or one of "
+                     f"{', '.join(map(repr, IMPLEMENTATIONS))}.")
+  return name
+
+
+def per_platform(plan: Callable[[PlatformConfig], Hashable],
+                 run: Callable[..., _T], *args: Any) -> _T:
+  """``run(plan(config), *args)`` for the config of the platform the computation is lowered for.
+
+  Platforms whose plans are equal share one traced branch; when all are equal no branch is
+  staged out at all.
+
+  Args:
+    plan: maps a platform's config to a hashable plan (e.g. a chunk size).
+    run: ``run(plan, *args)``, traced once per distinct plan.
+    *args: arrays (pytrees) passed to ``run``.
+
+  Returns:
+    What ``run`` returns (every plan's branch must return the same types).
+  """
+  plans = {name: plan(cfg) for name, cfg in PLATFORMS.items()}
+  default_plan = plan(DEFAULT)
+  distinct = set(plans.values()) | {default_plan}
+  if len(distinct) == 1:
+    return run(default_plan, *args)
+  branch = {p: functools.partial(run, p) for p in distinct}
+  return jax.lax.platform_dependent(*args, default=branch[default_plan],
+                                    **{name: branch[p] for name, p in plans.items()})
