@@ -54,7 +54,8 @@ def kl_barrier(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *
                beta: float = 0.5, chunk_size: int | None = None,
                agg_kwargs: dict[str, Any] | None = None,
                hinge_kwargs: dict[str, Any] | None = None,
-               partition: _sharding.Partition | None = None
+               partition: _sharding.Partition | None = None,
+               implementation: str | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Hinge penalty on an outlier-aware aggregate of the per-position divergence.
 
@@ -81,6 +82,8 @@ def kl_barrier(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *
     hinge_kwargs: extra keyword arguments for :func:`hinge` (e.g. ``{"sharpness": 5.0}``).
     partition: a :class:`klagg_jax.Partition` for batch- and vocabulary-sharded logits (see
       :func:`kl_per_position`); the aggregation then sees only ``[..., T]`` per-position values.
+    implementation: the per-position kernel: ``None``/``"chunked"`` (memory-bounded custom VJP)
+      or ``"xla"`` (plain composition; supports forward-mode AD). See :func:`kl_per_position`.
 
   Returns:
     ``(loss, metrics)``: ``loss`` a float32 scalar; ``metrics`` float32 scalars without gradient:
@@ -104,7 +107,8 @@ def kl_barrier(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *
   agg_kwargs = dict(agg_kwargs or {})
   kl = _divergence.per_position(logits, ref_logits, direction=direction, where=where,
                                 temperature=temperature, beta=beta, chunk_size=chunk_size,
-                                ref_grad=not stop_ref_grad, partition=partition)
+                                ref_grad=not stop_ref_grad, partition=partition,
+                                implementation=implementation)
   mask = _checks.check_where(where, kl.shape, "positions (logits.shape[:-1])")
   mask = jnp.ones(kl.shape, bool) if mask is None else mask
   div = aggregator(kl, where=mask, axis=axis, **agg_kwargs)

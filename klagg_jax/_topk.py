@@ -165,8 +165,11 @@ def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   ``ApproxTopK``, which XLA lowers, off TPU and at ``recall_target=1``, to that same exact
   ``TopK`` after partitioning (the same values, indices and tie order, lower index first, and
   the same speed on CPU: tested). On TPU ``ApproxTopK`` is approximate, so TPU takes
-  ``lax.top_k``.
+  ``lax.top_k``. For k = 1 XLA rewrites ``ApproxTopK`` to an arg-max that breaks ties by the
+  higher index, so k = 1 is a max and a first-occurrence argmax here.
   """
+  if k == 1:
+    return x.max(-1, keepdims=True), jnp.argmax(x, axis=-1, keepdims=True).astype(jnp.int32)
   return jax.lax.platform_dependent(
       x, tpu=lambda x: jax.lax.top_k(x, k),
       default=lambda x: jax.lax.approx_max_k(x, k, recall_target=1.0))

@@ -37,6 +37,15 @@ def _kl(lp: jax.Array, lq: jax.Array, axis_name: str | None) -> jax.Array:
   return _divergence.vsum(p * diff, axis_name)
 
 
+def _log_mix(lp: jax.Array, lr: jax.Array, beta: float) -> jax.Array:
+  """log((1 - beta) p + beta r); -inf with a zero gradient where both vanish (logaddexp's
+  gradient at (-inf, -inf) is NaN, which a zero cotangent does not cancel)."""
+  none = (lp == -jnp.inf) & (lr == -jnp.inf)
+  safe = lambda t: jnp.where(none, 0.0, t)
+  mixed = jnp.logaddexp(math.log1p(-beta) + safe(lp), math.log(beta) + safe(lr))
+  return jnp.where(none, -jnp.inf, mixed)
+
+
 def divergence_rows(a: jax.Array, b: jax.Array, mask: jax.Array,
                     spec: _divergence.Spec) -> jax.Array:
   """Per-row divergence of ``[N, V]`` logits ``a`` from ``b``, as :func:`_divergence.divergence_rows`.
@@ -55,6 +64,6 @@ def divergence_rows(a: jax.Array, b: jax.Array, mask: jax.Array,
     div = _kl(lr, lp, spec.vocab_axis)
   else:
     beta = spec.beta
-    lm = jnp.logaddexp(math.log1p(-beta) + lp, math.log(beta) + lr)
+    lm = _log_mix(lp, lr, beta)
     div = beta * _kl(lr, lm, spec.vocab_axis) + (1.0 - beta) * _kl(lp, lm, spec.vocab_axis)
   return jnp.where(mask, div, 0.0)

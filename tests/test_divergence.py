@@ -1,9 +1,13 @@
 """kl_per_position against float64 numpy, its gradients, its conventions and its errors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jax.scipy.special import xlogy
 from jax.test_util import check_grads
 
@@ -12,6 +16,7 @@ from klagg_jax import _reference as ref
 from tests.helpers import random_logits, to_f64, x64
 
 DIRECTIONS = ("reverse", "forward", "js")
+DTYPES_ALL = ("float32", "bfloat16", "float16")
 SHAPE = (3, 7, 33)
 
 
@@ -269,3 +274,144 @@ def test_errors_raise_while_tracing():
   f = jax.jit(lambda x, y: ka.kl_per_position(x, y, direction="nope"))
   with pytest.raises(ValueError, match="direction"):
     f(jnp.zeros((2, 3)), jnp.zeros((2, 3)))
+
+
+# ------------------------------------------------------------------------------------------------
+# NaN at a valid position surfaces; NaN at a masked position is garbage that changes nothing.
+
+# (chunk, implementation, traced temperature) modes, paired with directions and dtypes as a Latin
+# square: every pair of direction, dtype and mode is covered by 9 compiled programs.
+NAN_MODES = ((2, "chunked", False), (None, "chunked", True), (None, "xla", False))
+NAN_CONFIGS = [(d, dt, *NAN_MODES[(i + j) % 3]) for i, d in enumerate(DIRECTIONS)
+               for j, dt in enumerate(DTYPES_ALL)]
+
+
+@functools.lru_cache(maxsize=None)
+def _nan_program(direction, chunk, impl, traced):
+  def run(a, b, mask, w, t):
+    temperature = t if traced else 0.8
+    f = lambda x, y: ka.kl_per_position(x, y, direction=direction, where=mask, chunk_size=chunk,
+                                        temperature=temperature, implementation=impl)
+    kl, vjp = jax.vjp(f, a, b)
+    return kl, vjp(w.astype(kl.dtype))
+  return jax.jit(run)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(config=st.sampled_from(NAN_CONFIGS), seed=st.integers(0, 2**31 - 1),
+       side=st.sampled_from(["student", "reference"]), masked=st.booleans())
+def test_nan_at_a_valid_position_surfaces_and_masked_nan_changes_nothing(config, seed, side,
+                                                                         masked):
+  direction, dtype, chunk, impl, traced = config
+  rng = np.random.default_rng(seed)
+  a = jnp.asarray(random_logits(rng, (6, 7)), dtype)
+  b = jnp.asarray(random_logits(rng, (6, 7)), dtype)
+  mask = rng.random(6) > 0.3
+  row, col = int(rng.integers(6)), int(rng.integers(7))
+  mask[row] = not masked
+  w = rng.standard_normal(6).astype(np.float32)
+  program = _nan_program(direction, chunk, impl, traced)
+  clean = program(a, b, mask, w, 0.8)
+  poisoned = (a.at[row, col].set(jnp.nan), b) if side == "student" else (a, b.at[row, col].set(jnp.nan))
+  kl, (ga, gb) = program(*poisoned, mask, w, 0.8)
+  others = np.arange(6) != row
+  np.testing.assert_array_equal(np.asarray(kl)[others], np.asarray(clean[0])[others])
+  if masked:
+    assert kl[row] == 0.0
+    np.testing.assert_array_equal(to_f64(ga), to_f64(clean[1][0]))
+    np.testing.assert_array_equal(to_f64(gb), to_f64(clean[1][1]))
+  else:
+    assert np.isnan(kl[row]), (config, side)
+
+
+def test_issue_reproducers_now_print_nan():
+  s = np.zeros((2, 4), np.float32)
+  s[1, 0] = np.nan
+  r = np.array([[0, 1, 2, 3]] * 2, np.float32)
+  for direction in DIRECTIONS:
+    got = np.asarray(ka.kl_per_position(s, r, direction=direction))
+    np.testing.assert_allclose(got[0], ref.kl_per_position(s[:1], r[:1], direction)[0], rtol=1e-6)
+    assert np.isnan(got[1]), direction
+  assert np.isnan(ka.kl_per_position(s, r, temperature=jnp.float32(2.0))[1])
+  # The reference all -inf while the student's row is NaN: NaN, not the +inf of an empty reference.
+  assert np.isnan(ka.kl_per_position(s[1:], np.full((1, 4), -np.inf, np.float32))[0])
+  # The student's row all -inf (no mass) while the reference's is NaN: NaN, not 0.
+  assert np.isnan(ka.kl_per_position(np.full((1, 4), -np.inf, np.float32), s[1:])[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# A traced temperature under stop_ref_grad: d/dT includes softmax(ref / T)'s dependence on T.
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_traced_temperature_gradient_with_a_stopped_reference(direction):
+  rng = np.random.default_rng(3)
+  with x64():
+    a, b = rng.standard_normal((2, 5, 9)), rng.standard_normal((2, 5, 9))
+
+    def ours(t):
+      return ka.kl_barrier(a, b, temperature=t, direction=direction, agg="mean", tau=0.0)[0]
+
+    def plain(t):  # the composition with the reference's gradient stopped
+      kl = plain_divergence(a, jax.lax.stop_gradient(jnp.asarray(b)), direction, temperature=t)
+      return kl.mean(-1).mean()
+
+    np.testing.assert_allclose(jax.grad(ours)(1.3), jax.grad(plain)(1.3), rtol=1e-6)
+    stopped = lambda t: ka.kl_per_position(a, jax.lax.stop_gradient(b), temperature=t,
+                                           direction=direction).sum()
+    check_grads(stopped, (np.float64(1.3),), order=1, modes=["rev"], atol=1e-7, rtol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# implementation="xla": the plain composition equals the chunked kernel, and supports jvp.
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_xla_implementation_equals_chunked_in_value_and_gradient(rng, direction):
+  a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
+  a[..., 3], b[..., 3] = -np.inf, -np.inf  # banned on both sides
+  if direction == "reverse":
+    a[0, 1, 5] = -np.inf  # the student gives no mass where the reference has some
+  mask = rng.random(SHAPE[:-1]) > 0.3
+  a[~mask] = np.nan
+  w = rng.standard_normal(SHAPE[:-1]).astype(np.float32)
+
+  def f(impl):
+    return lambda x, y: (w * ka.kl_per_position(x, y, direction=direction, where=mask, beta=0.3,
+                                                temperature=0.9, implementation=impl)).sum()
+
+  (v1, g1), (v2, g2) = (jax.value_and_grad(f(i), (0, 1))(a, b) for i in ("chunked", "xla"))
+  np.testing.assert_allclose(v2, v1, rtol=1e-5)
+  for x, y in zip(g2, g1):
+    assert np.isfinite(x).all()
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_forward_mode_ad_through_the_xla_implementation(rng, direction):
+  a, b = random_logits(rng, (4, 6)), random_logits(rng, (4, 6))
+  t = rng.standard_normal((4, 6)).astype(np.float32)
+  f = lambda x: ka.kl_per_position(x, b, direction=direction, implementation="xla")
+  _, tangent = jax.jvp(f, (a,), (t,))
+  # jvp equals the vjp-derived directional derivative (rows are independent).
+  grads = jax.jacrev(f)(a)  # [4, 4, 6]
+  np.testing.assert_allclose(tangent, np.einsum("ijk,jk->i", grads, t), rtol=1e-5, atol=1e-6)
+  with x64():  # forward over forward (a Hessian-vector product) too
+    check_grads(lambda x: ka.kl_per_position(x, np.float64(b), direction=direction,
+                                             implementation="xla"),
+                (np.float64(a),), order=2, modes=["fwd"], atol=1e-6, rtol=1e-6)
+  with pytest.raises(TypeError, match="custom_vjp"):  # the chunked kernel: reverse mode only
+    jax.jvp(lambda x: ka.kl_per_position(x, b, implementation="chunked"), (a,), (t,))
+
+
+def test_unknown_implementation_lists_the_valid_ones():
+  with pytest.raises(ValueError, match="'chunked', 'xla'"):
+    ka.kl_per_position(jnp.zeros((2, 3)), jnp.zeros((2, 3)), implementation="pallas")
+
+
+def test_default_implementation_is_the_chunked_kernel(rng):
+  a, b = random_logits(rng, (8, 5)), random_logits(rng, (8, 5))
+  assert "custom_vjp_call" in str(jax.make_jaxpr(lambda x: ka.kl_per_position(x, b))(a))
+  assert "custom_vjp_call" not in str(jax.make_jaxpr(
+      lambda x: ka.kl_per_position(x, b, implementation="xla"))(a))

@@ -27,7 +27,7 @@ if not CHILD:
     # LLVM optimization level 0: these small programs compile about twice as fast; the one-device
     # references are compiled with the same flags.
     flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-    env = dict(os.environ, KLAGG_SHARDING_CHILD="1",
+    env = dict(os.environ, KLAGG_SHARDING_CHILD="1", JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", __file__],

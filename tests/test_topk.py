@@ -483,3 +483,118 @@ def test_fused_traced_temperature_raises():
                                                 temperature=t))
   with pytest.raises(ValueError, match="static temperature"):
     f(1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The two-level top-k, the positional tail, NaN, implementation="xla", the scalar fused path.
+
+
+@pytest.mark.parametrize("v, k", [(64, 1), (64, 3), (64, 31), (4096, 8), (4096, 200),
+                                  (1000, 7), (97, 5)])
+def test_top_k_rows_is_exact_with_ties_by_lower_index(v, k):
+  from klagg_jax import _topk
+  rng = np.random.default_rng(v + k)
+  x = rng.integers(0, 6, (7, v)).astype(np.float32)  # many ties
+  x[0] = -np.inf
+  x[1, : v // 2] = -np.inf
+  values, indices = jax.jit(_topk.top_k_rows, static_argnums=1)(x, k)
+  want_v, want_i = jax.lax.top_k(x, k)
+  np.testing.assert_array_equal(values, want_v)
+  np.testing.assert_array_equal(indices, want_i)
+  order = np.lexsort((np.arange(v)[None].repeat(7, 0), -x), axis=-1)[:, :k]  # stable descending
+  np.testing.assert_array_equal(indices, order)
+
+
+def test_ref_tail_may_be_passed_positionally(rng):
+  a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
+  by_position = ka.kl_topk(a, *ka.topk_logprobs(b, 4))
+  lp, idx, tail = ka.topk_logprobs(b, 4)
+  np.testing.assert_array_equal(by_position, ka.kl_topk(a, lp, idx, ref_tail=tail))
+  np.testing.assert_array_equal(
+      ka.fused_linear_kl_topk(a[..., :6], np.eye(6, 17, dtype=np.float32), lp, idx, tail),
+      ka.fused_linear_kl_topk(a[..., :6], np.eye(6, 17, dtype=np.float32), lp, idx,
+                              ref_tail=tail))
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "xla"])
+@pytest.mark.parametrize("what", ["student", "teacher", "tail"])
+def test_nan_at_a_valid_position_surfaces_and_masked_nan_does_not(rng, implementation, what):
+  a, b = random_logits(rng, (6, 17)), random_logits(rng, (6, 17))
+  lp, idx, tail = (np.array(x) for x in ka.topk_logprobs(b, 4))
+  mask = np.array([True, True, False, True, True, True])
+  clean = ka.kl_topk(a, lp, idx, tail, where=mask, implementation=implementation, chunk_size=2)
+  for row in (1, 2):  # valid, masked
+    a2, lp2, tail2 = a.copy(), lp.copy(), tail.copy()
+    {"student": a2, "teacher": lp2, "tail": tail2[:, None]}[what][row, 0] = np.nan
+    f = lambda x: ka.kl_topk(x, lp2, idx, tail2, where=mask, implementation=implementation,
+                             chunk_size=2)
+    got, g = jax.value_and_grad(lambda x: f(x).sum())(a2)
+    out = np.asarray(f(a2))
+    if mask[row]:
+      assert np.isnan(out[row]) and np.isnan(got), (what, implementation)
+    else:
+      np.testing.assert_array_equal(out, clean)
+      np.testing.assert_array_equal(np.asarray(g)[row], 0.0)
+  h = random_logits(rng, (6, 5))
+  h[1, 3] = np.nan
+  w = random_logits(rng, (5, 17))
+  for reduction in (None, "mean"):
+    out = ka.fused_linear_kl_topk(h, w, lp, idx, tail, where=mask, reduction=reduction,
+                                  implementation=implementation)
+    assert np.isnan(np.asarray(out)[1] if reduction is None else out)
+
+
+def test_issue_reproducers_now_print_nan():
+  s = np.zeros((2, 4), np.float32)
+  s[1, 0] = np.nan
+  r = np.array([[0, 1, 2, 3]] * 2, np.float32)
+  got = np.asarray(ka.kl_topk(s, *ka.topk_logprobs(r, 2)))
+  assert np.isfinite(got[0]) and np.isnan(got[1])
+  assert np.isnan(ka.kl_topk(s, *ka.topk_logprobs(r, 2), temperature=jnp.float32(2.0))[1])
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_xla_implementation_equals_chunked(rng, direction):
+  a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
+  a[..., 3], b[..., 3] = -np.inf, -np.inf  # banned on both sides (never stored)
+  mask = rng.random(SHAPE[:-1]) > 0.3
+  a[~mask] = np.nan
+  lp, idx, tail = ka.topk_logprobs(b, 5)
+  for lhs, rhs in zip(ka.topk_logprobs(b, 5, implementation="xla"), (lp, idx, tail)):
+    np.testing.assert_array_equal(lhs, rhs)
+
+  def f(impl):
+    return lambda x: (ka.kl_topk(x, lp, idx, tail, where=mask, direction=direction, beta=0.3,
+                                 temperature=0.9, chunk_size=4, implementation=impl) ** 2).sum()
+
+  (v1, g1), (v2, g2) = (jax.value_and_grad(f(i))(a) for i in ("chunked", "xla"))
+  np.testing.assert_allclose(v2, v1, rtol=1e-5)
+  assert np.isfinite(g2).all()
+  np.testing.assert_allclose(g2, g1, rtol=1e-4, atol=1e-6)
+  t = rng.standard_normal(SHAPE).astype(np.float32)
+  jax.jvp(lambda x: ka.kl_topk(x, lp, idx, tail, implementation="xla"), (np.nan_to_num(a),), (t,))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_fused_reduced_equals_materialized(rng, reduction, direction):
+  n, d, v = 12, 6, 17
+  h, w, bias = (random_logits(rng, s, scale=1.0) for s in ((n, d), (d, v), (v,)))
+  lp, idx, tail = ka.topk_logprobs(random_logits(rng, (n, v)), 4)
+  mask = rng.random(n) > 0.3
+
+  def fused(h, w, bias):
+    return ka.fused_linear_kl_topk(h, w, lp, idx, tail, bias=bias, where=mask,
+                                   direction=direction, chunk_size=5, reduction=reduction,
+                                   temperature=0.8)
+
+  def materialized(h, w, bias):
+    kl = ka.kl_topk(h @ w + bias[None], lp, idx, tail, where=mask, direction=direction,
+                    temperature=0.8, implementation="xla")
+    return kl.sum() / (mask.sum() if reduction == "mean" else 1.0)
+
+  got = jax.value_and_grad(fused, (0, 1, 2))(h, w, bias)
+  want = jax.value_and_grad(materialized, (0, 1, 2))(h, w, bias)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for g, e in zip(got[1], want[1]):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)
