@@ -27,7 +27,7 @@ def _logits_pair(key: jax.Array, n: int, v: int, dtype: str) -> tuple[jax.Array,
 
 
 def logits_pair(n: int, v: int, dtype: str, seed: int = 0) -> dict[str, jax.Array]:
-  """Student and reference logits `[n, v]` in `dtype` ("f32" or "bf16"), as `_inputs.logits_pair`."""
+  """Student and reference logits `[n, v]` in `dtype` ("f32" or "bf16"), as in `_inputs`."""
   a, b = _logits_pair(jax.random.key(seed), n=n, v=v, dtype=dtype)
   return {"logits": jax.block_until_ready(a), "ref_logits": jax.block_until_ready(b)}
 

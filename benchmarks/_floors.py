@@ -1,4 +1,4 @@
-"""Hardware floors from rates measured in the same run: bytes over copy bandwidth, FLOPs over matmul rate.
+"""Hardware floors from rates measured in the same run: bytes / copy bandwidth, FLOPs / matmul rate.
 
 A workload that must read its inputs (and write a gradient as large) cannot beat
 
@@ -149,6 +149,7 @@ class Rates:
       return floor_s(nbytes, bw), f"{nbytes / 1e9:.4g} GB at {bw / 1e9:.4g} GB/s (x + 1 pass)"
     if workload in ("fused", "fused_js"):
       flops, rate = matmul_flops(params), self.flops_per_s(params["dtype"])
-      return (floor_s(flops, rate),
-              f"8NDV = {flops / 1e12:.4g} TFLOP at {rate / 1e12:.4g} TFLOP/s ({params['dtype']} matmul)")
+      how = (f"8NDV = {flops / 1e12:.4g} TFLOP at {rate / 1e12:.4g} TFLOP/s "
+             f"({params['dtype']} matmul)")
+      return floor_s(flops, rate), how
     return None

@@ -316,6 +316,17 @@ def prepare(impl: Impl, budget_bytes: int) -> _Prepared | dict[str, Any]:
 # ------------------------------------------------------------------------------------------ timing
 
 
+def _after_failure(p: _Prepared) -> None:
+  """After a PyTorch CUDA row fails (out of memory, say), hand its cached memory back."""
+  if p.impl.runner == "cuda":
+    import peers_torch
+
+    try:
+      peers_torch.release("cuda")
+    except Exception:  # noqa: BLE001 - best effort: the row is already reported
+      pass
+
+
 def time_interleaved(
     prepared: list[_Prepared],
     *,
@@ -360,6 +371,7 @@ def time_interleaved(
     except Exception as e:  # noqa: BLE001
       note = f"run: {type(e).__name__}: {e}"[:300]
       failed[p.impl.name] = {**p.fields, "status": "error", "note": note}
+      _after_failure(p)
   if budget is not None and budget.total_s is not None:
     budget_s = budget.left() if budget_s is None else min(budget_s, budget.left())
   if budget_s is not None and round_s > 0:
@@ -368,9 +380,15 @@ def time_interleaved(
   for r in range(repeats):
     k = r % len(alive) if alive else 0
     for p in alive[k:] + alive[:k]:
-      t0 = time.perf_counter()
-      p.call()
-      p.times.append(time.perf_counter() - t0)
+      try:
+        t0 = time.perf_counter()
+        p.call()
+        p.times.append(time.perf_counter() - t0)
+      except Exception as e:  # noqa: BLE001 - e.g. out of memory at a later call: drop the row
+        note = f"run (timed round {r + 1}): {type(e).__name__}: {e}"[:300]
+        failed[p.impl.name] = {**p.fields, "status": "error", "note": note}
+        alive.remove(p)
+        _after_failure(p)
     if round_s > 2:
       log(f"    round {r + 1}/{repeats} done")
   refs: dict[str, list[np.ndarray]] = {}

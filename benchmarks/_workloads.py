@@ -209,7 +209,7 @@ def _host_row(impl: str, case: Case, dev: dict[str, jax.Array], factor: int, che
     if impl == "torch" and _peer_notes[peers_torch.TORCH]:
       raise H.Unavailable(_peer_notes[peers_torch.TORCH])
     if _platform(dev) != "cpu":
-      raise H.Unavailable(f"{impl} is a host peer: skipped on an accelerator (it would time the CPU)")
+      raise H.Unavailable(f"{impl} is a host peer: skipped on an accelerator (it times the CPU)")
     views = {k: _host_view(x) for k, x in dev.items()}
     try:
       return peers_host.build(case.workload, impl, views, case.params)

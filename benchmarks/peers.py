@@ -122,5 +122,5 @@ def matmul_floor(hidden: jax.Array, weight: jax.Array, ref_hidden: jax.Array,
 
 def matmul_floor_vd(hidden: jax.Array, weight: jax.Array, ref_hidden: jax.Array,
                     ref_weight: jax.Array) -> jax.Array:
-  """`matmul_floor` for `[V, D]` weights, float32 logits (as the materialized JSD rows make them)."""
+  """`matmul_floor` for `[V, D]` weights, float32 logits (as the materialized JSD rows have)."""
   return jnp.sum(logits_vd(hidden, weight)) + jnp.sum(logits_vd(ref_hidden, ref_weight))

@@ -1,7 +1,7 @@
 """Benchmark suite: klagg_jax against its peers and the hardware floor, time and memory.
 
     python benchmarks/run.py               # full grid (make bench)
-    python benchmarks/run.py --quick       # one shape, about 2-4 minutes on 2 CPU cores (make bench-quick)
+    python benchmarks/run.py --quick       # one shape, a few minutes on 2 CPU cores (bench-quick)
     python benchmarks/run.py --tiny        # seconds; what tests/test_benchmarks.py runs
     python benchmarks/run.py --gpu         # the accelerator suite (benchmarks/gpu_check.sh runs it)
     python benchmarks/run.py --gpu --tiny  # the same rows at tiny shapes: a dry run on a CPU
@@ -291,7 +291,7 @@ def computed_floor(case: W.Case, rates: _floors.Rates) -> H.Result | None:
 def run_case(case: W.Case, dev: dict[str, jax.Array], cfg: Config, rss: bool,
              budget: H.Budget | None = None,
              rates: _floors.Rates | None = None) -> list[H.Result]:
-  """Prepare, time and measure every row of one case (skipping what the budget leaves no time for)."""
+  """Prepare, time and measure every row of one case (skipping those the budget leaves out)."""
   budget = budget or H.Budget(None)
   impls = W.ROWS[case.workload](case, dev)
   prepared, fields = _prepare_all(impls, budget)
@@ -400,6 +400,9 @@ def markdown(env: dict[str, Any], results: list[H.Result], captions: dict[str, s
       f"`{env['command']}`",
       "",
   ]
+  if env.get("peers"):
+    said = [p if note is None else f"{p} skipped ({note})" for p, note in env["peers"].items()]
+    lines += ["PyTorch-side peers: " + "; ".join(said) + ".", ""]
   if rates and rates.get("copy_bandwidth_bytes_per_s"):
     line = (f"Measured in this run: copy bandwidth {rates['copy_bandwidth_bytes_per_s'] / 1e9:.4g} "
             f"GB/s (`x + 1` over {rates['copy_bytes'] / 2**20:.0f} MiB of float32, read + write)")
