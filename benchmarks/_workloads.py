@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +41,6 @@ _peer_notes: dict[str, str | None] = dict.fromkeys(
 def set_peers(notes: dict[str, str | None]) -> None:
   """Which PyTorch-side peers run: `peers_torch.plan`'s `{peer: None or why it is skipped}`."""
   _peer_notes.update(notes)
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +143,7 @@ def _torch_tensors(dev: dict[str, jax.Array], dtype: str, runner: str) -> dict[s
       out = {k: torch.from_dlpack(x) for k, x in dev.items()}
     except Exception as e:  # noqa: BLE001 - slower, but the peers still see the same numbers
       print(f"    note: DLPack failed ({type(e).__name__}: {e}); copying the inputs through the "
-            "host", flush=True)
+            "host", file=sys.stderr, flush=True)
       want = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype]
       out = {k: torch.from_numpy(np.asarray(x.astype(jnp.float32))).to("cuda").to(want)
              for k, x in dev.items()}

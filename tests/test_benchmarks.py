@@ -454,3 +454,23 @@ def test_torch_barrier_row_equals_the_jax_peer(pair):
 def test_liger_has_no_barrier_row():
   with pytest.raises(NotImplementedError, match="no liger row for barrier"):
     peers_torch.build("barrier", "liger", {}, {"agg": "rmse", "t": 8})
+
+
+def test_cuda_rows_are_synchronized_measured_and_release_memory_when_they_fail(monkeypatch):
+  """The GPU-only branch of the harness, run on a CPU with PyTorch's CUDA calls faked."""
+  calls = []
+  monkeypatch.setattr(peers_torch, "synchronize", lambda device: calls.append(("sync", device)))
+  monkeypatch.setattr(peers_torch, "release", lambda device: calls.append(("release", device)))
+  monkeypatch.setattr(peers_torch, "cuda_peak_bytes", lambda call: (call(), 1234)[1])
+
+  def out_of_memory():
+    raise RuntimeError("CUDA out of memory")
+
+  ok = _harness.Impl("ok", "torch", lambda: (lambda x: 2 * x, (np.ones(3),)), runner="cuda")
+  bad = _harness.Impl("oom", "torch", lambda: (out_of_memory, ()), runner="cuda")
+  prepared = [_harness.prepare(impl, 1 << 40) for impl in (ok, bad)]
+  fields = _harness.time_interleaved(prepared, warmup=1, repeats=2, log=lambda m: None)
+  assert fields["ok"]["status"] == "ok" and len(fields["ok"]["times_s"]) == 2
+  assert fields["ok"]["device_peak_bytes"] == 1234 and fields["ok"]["first_call_s"] > 0
+  assert fields["oom"]["status"] == "error" and "CUDA out of memory" in fields["oom"]["note"]
+  assert ("sync", "cuda") in calls and ("release", "cuda") in calls
