@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a lent GPU: the accelerator benchmark, then the test suite, in about 5 minutes.
+# One command for a lent GPU: the accelerator benchmark, then the test suite, budgeted to 5 minutes.
 #
 #   bash benchmarks/gpu_check.sh             # on the GPU machine, from anywhere in the checkout
 #   bash benchmarks/gpu_check.sh --dry-run   # here, on a CPU: the same steps at tiny sizes (< 1 min)

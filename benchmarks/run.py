@@ -562,7 +562,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   platform = jax.devices()[0].platform
   if args.gpu and platform == "cpu" and not args.tiny:
     raise SystemExit("--gpu: jax.devices()[0] is a CPU; run --gpu --tiny for a dry run here")
-  available = peers_torch.detect()
+  # --no-torch imports nothing of PyTorch: it is also the fallback when a PyTorch peer crashed.
+  available = (peers_torch.Available(None, False, None) if args.no_torch
+               else peers_torch.detect())
   peer_plan = peers_torch.plan(platform, available, no_torch=args.no_torch,
                                force_compile=args.torch_compile)
   W.set_peers(peer_plan)
