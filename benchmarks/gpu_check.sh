@@ -5,8 +5,15 @@
 #   bash benchmarks/gpu_check.sh --dry-run   # here, on a CPU: the same steps at tiny sizes (< 1 min)
 #
 # Steps (each one's failure is printed and the next still runs):
-#   1. Liger-Kernel from the wheels in .whl/ when there are any (the GPU machine has no network:
-#      download them here first, see BENCHMARKS.md "On a GPU"), into $SITE, put on PYTHONPATH.
+#   1. Liger-Kernel from the wheels in .whl/ when there are any, into $SITE, put on PYTHONPATH.
+#      A GPU machine without network needs the wheel brought along: download it first, on a
+#      machine with pip access, in the repository root (`make gpu-wheels` does the same):
+#        python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#          --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#          --platform manylinux2014_x86_64 -d .whl liger-kernel==0.8.5
+#      (.whl/ is ignored by git: copy or carry it with the checkout.) Installed here with:
+#        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+#          --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 #   2. The environment: GPU, driver, versions.
 #   3. `benchmarks/run.py --gpu`: KL forward and rmse-barrier value+grad at N=8192, V=131072
 #      (bf16, f32) and the fused JSD at BT=8192, H=4096, V=128256 (bf16), klagg against
@@ -71,6 +78,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   fi
 else
   echo "note: no .whl/*.whl here; the Liger-Kernel rows will be skipped unless it is installed"
+  echo "      (make gpu-wheels, on a machine with pip access, puts liger-kernel's wheel there)"
 fi
 
 # 2. Environment.
