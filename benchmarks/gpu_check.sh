@@ -111,7 +111,7 @@ left=$((BENCH_BUDGET_S - (SECONDS - start)))
 if [ "$rc" != 0 ] && [ "$rc" != 124 ] && [ "$rc" != 137 ] && [ "$left" -gt 20 ]; then
   step "3b. the benchmark died (status $rc): again without the PyTorch peers, budget $left s"
   timeout -k 15 $((left + BENCH_GRACE_S)) "$PY" benchmarks/run.py "${BENCH_ARGS[@]}" \
-    --budget-s "$left" --no-torch --no-plot --suffix -jax-only
+    --budget-s "$left" --no-torch --no-plot --suffix=-jax-only
   echo "jax-only benchmark exit status $?"
 fi
 

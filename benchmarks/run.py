@@ -504,7 +504,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--out", type=Path, default=H.HERE / "out",
                  help="directory for the outputs (default: benchmarks/out, ignored by git)")
   p.add_argument("--suffix", default=None,
-                 help="file name suffix after the date (default: -quick, -tiny or none)")
+                 help="file name suffix after the date (default: -quick, -tiny or none); "
+                      "one that starts with '-' takes the --suffix=-x form")
   return p.parse_args(argv)
 
 
