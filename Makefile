@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test bench bench-quick experiment experiment-quick clean
+.PHONY: demo test bench bench-quick bench-gpu bench-gpu-dry gpu-wheels experiment experiment-quick clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,22 @@ bench: $(VENV)/.installed-bench
 
 bench-quick: $(VENV)/.installed-bench
 	$(PY) benchmarks/run.py --quick
+
+# On a lent GPU machine (no network, its own python3 with jax, torch, pytest): no venv is made.
+# Results in benchmarks/out/gpu-check/ (or $$OUT). See BENCHMARKS.md, "On a GPU".
+bench-gpu:
+	bash benchmarks/gpu_check.sh
+
+# The same steps at tiny sizes on this CPU, in under a minute.
+bench-gpu-dry: $(VENV)/.installed-dev
+	PYTHON=$(abspath $(PY)) bash benchmarks/gpu_check.sh --dry-run
+
+# Here, before lending: Liger-Kernel's wheel (pure Python) into .whl/, which bench-gpu installs there.
+LIGER_VERSION ?= 0.8.5
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl liger-kernel==$(LIGER_VERSION)
 
 experiment: $(VENV)/.installed-dev
 	$(PY) -m experiments.loops.run

@@ -8,8 +8,13 @@ Each timed call ends in `block_until_ready`. Medians and minima are reported.
 
 Memory: XLA's `memory_analysis()` temp bytes for every JAX implementation (deterministic, known
 before running, which is also how oversized cases are skipped instead of exhausting memory), and
-peak resident memory of one call for numpy and PyTorch, measured in a fresh subprocess
-(`peers_host.py`) with the high-water mark reset just before the call.
+peak resident memory of one call for numpy and PyTorch on the host, measured in a fresh subprocess
+(`peers_host.py`) with the high-water mark reset just before the call. PyTorch on a GPU: the
+peak its CUDA allocator held during one call, above what it held before the call (related to
+XLA's temp bytes, not equal: PyTorch counts the outputs, XLA does not).
+
+A run can have a global time budget (`Budget`): rows and cases that would start after it is spent
+are reported as skipped, so a run on a lent machine ends on time with what it measured.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import dataclasses
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import subprocess
@@ -32,6 +38,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 HOST_FAMILIES = ("numpy", "torch")
+RUNNERS = ("jit", "host", "cuda")
 
 
 class Unavailable(Exception):
@@ -42,10 +49,12 @@ class Unavailable(Exception):
 class Impl:
   """One row of a case: how to build `(fn, args)`, lazily, and how to check and measure it.
 
-  `family` is "floor", "klagg", "jax" (JAX peers), "numpy" or "torch". JAX families are jitted;
-  host families are called as they are. `check` groups rows that compute the same numbers: each is
-  compared with the first row of its group. `host_bytes` estimates a host row's peak memory (to skip
-  what cannot fit) and `rss_spec` tells the subprocess probe how to rebuild it.
+  `family` is "floor", "klagg", "jax" (JAX peers), "numpy", "torch" or "liger". `runner` says how
+  a row is called: "jit" (JAX, lowered and compiled first), "host" (numpy or PyTorch on the CPU,
+  called as is) or "cuda" (PyTorch on a GPU, each call ended by `torch.cuda.synchronize`, memory
+  from its allocator). `check` groups rows that compute the same numbers: each is compared with the
+  first JAX row of its group. `host_bytes` estimates a host row's peak memory (to skip what cannot
+  fit) and `rss_spec` tells the subprocess probe how to rebuild it.
   """
 
   name: str
@@ -54,18 +63,25 @@ class Impl:
   check: str | None = None
   host_bytes: int = 0
   rss_spec: dict[str, Any] | None = None
+  runner: str = "jit"
 
 
 @dataclasses.dataclass(frozen=True)
 class Result:
-  """One measured (or skipped) row. Times in seconds, memory in bytes, None where not applicable."""
+  """One measured (or skipped) row. Times in seconds, memory in bytes, None where not applicable.
+
+  `status` "computed" marks a floor formed from the run's measured rates, not timed
+  (`_floors.Rates`): its `median_s` is that floor. `x_floor` is over the case's timed floor row
+  (exp pass, or the two forward matmuls), `x_hw_floor` over its computed floor. `agrees` is
+  `max_rel_diff <= tolerance`.
+  """
 
   workload: str
   case: str
   impl: str
   family: str
   params: dict[str, Any]
-  status: str  # "ok", "skipped" or "error"
+  status: str  # "ok", "skipped", "error" or "computed"
   note: str = ""
   median_s: float | None = None
   min_s: float | None = None
@@ -77,6 +93,37 @@ class Result:
   peak_rss_bytes: int | None = None
   x_floor: float | None = None
   max_rel_diff: float | None = None
+  runner: str = "jit"
+  first_call_s: float | None = None
+  device_peak_bytes: int | None = None
+  x_hw_floor: float | None = None
+  tolerance: float | None = None
+  agrees: bool | None = None
+
+
+class Budget:
+  """A global wall-clock budget for a run, started at construction.
+
+  `None` means no limit. `clock` is injectable so tests need not sleep.
+  """
+
+  def __init__(self, total_s: float | None, clock: Callable[[], float] = time.perf_counter):
+    if total_s is not None and total_s < 0:
+      raise ValueError(f"budget must be >= 0 seconds or None, got {total_s}")
+    self.total_s, self.clock, self.start = total_s, clock, clock()
+
+  def elapsed(self) -> float:
+    return self.clock() - self.start
+
+  def left(self) -> float:
+    """Seconds left (infinite without a limit; never below 0)."""
+    return math.inf if self.total_s is None else max(self.total_s - self.elapsed(), 0.0)
+
+  def spent(self) -> bool:
+    return self.left() <= 0
+
+  def note(self) -> str:
+    return f"global time budget of {self.total_s:g} s spent after {self.elapsed():.0f} s"
 
 
 @dataclasses.dataclass
@@ -113,11 +160,12 @@ def _version(dist: str) -> str | None:
 def environment(torch_version: str | None) -> dict[str, Any]:
   """Everything a row needs to be compared honestly: device, versions, CPU, date, command."""
   dev = jax.devices()[0]
-  torch_threads = None
+  torch_threads = torch_cuda = None
   if torch_version is not None:
     import torch
 
     torch_threads = torch.get_num_threads()
+    torch_cuda = torch.version.cuda if torch.cuda.is_available() else None
   return {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "device_kind": dev.device_kind,
@@ -133,16 +181,47 @@ def environment(torch_version: str | None) -> dict[str, Any]:
       "klagg_jax": _version("klagg-jax"),
       "torch": torch_version,
       "torch_threads": torch_threads,
+      "torch_cuda": torch_cuda,
+      "liger_kernel": _version("liger-kernel"),
+      "triton": _version("triton"),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
   }
 
 
+def slug(kind: str) -> str:
+  """A file-name-safe form of a device kind: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3".
+
+  Lower case; every run of characters other than letters and digits becomes one "-".
+  """
+  out = "".join(c if c.isalnum() else "-" for c in kind.lower())
+  while "--" in out:
+    out = out.replace("--", "-")
+  return out.strip("-") or "unknown"
+
+
 def device_slug() -> str:
-  """A file-name-safe device name, e.g. "cpu" or "nvidia-a100-sxm4-40gb"."""
+  """The slug of `jax.devices()[0].device_kind` ("cpu" on the host platform)."""
   dev = jax.devices()[0]
-  kind = dev.device_kind if dev.platform != "cpu" else "cpu"
-  return "".join(c if c.isalnum() else "-" for c in kind.lower()).strip("-")
+  return slug(dev.device_kind if dev.platform != "cpu" else "cpu")
+
+
+def result_stem(out: Path, kind_slug: str, date: str, suffix: str = "") -> Path:
+  """Where a run's files go, without extension: `<out>/<device-kind-slug>-<YYYY-MM-DD><suffix>`.
+
+  Args:
+    out: the output directory.
+    kind_slug: `slug(device kind)`.
+    date: an ISO date or timestamp; its first 10 characters are kept.
+    suffix: "" for a full or accelerator run, "-quick", "-tiny", ...
+
+  Raises:
+    ValueError: a date that does not start with YYYY-MM-DD.
+  """
+  day = date[:10]
+  if len(day) != 10 or day[4] != "-" or day[7] != "-" or not day.replace("-", "").isdigit():
+    raise ValueError(f"date must start with YYYY-MM-DD, got {date!r}")
+  return Path(out) / f"{kind_slug}-{day}{suffix}"
 
 
 def host_available_bytes() -> int:
@@ -169,13 +248,19 @@ def device_available_bytes() -> int:
 
 
 def _sample(leaf: Any, k: int = 4096) -> np.ndarray:
-  """Up to k evenly spaced entries of a jax, numpy or torch array as float64, without a copy."""
+  """Up to k evenly spaced entries of a jax, numpy or torch array as float64.
+
+  The entries are gathered where the array lives, so only they cross to the host.
+  """
   size = int(np.prod(leaf.shape))
   idx = np.linspace(0, max(size - 1, 0), min(size, k)).astype(np.int64)
-  if hasattr(leaf, "detach"):  # torch
+  if hasattr(leaf, "detach"):  # torch, on any device
     import torch
 
-    return leaf.detach().reshape(-1)[torch.from_numpy(idx)].float().numpy().astype(np.float64)
+    picked = leaf.detach().reshape(-1)[torch.as_tensor(idx, device=leaf.device)]
+    return picked.float().cpu().numpy().astype(np.float64)
+  if isinstance(leaf, jax.Array):
+    return np.asarray(leaf.reshape(-1)[idx].astype(np.float32)).astype(np.float64)
   return np.asarray(leaf).reshape(-1)[idx].astype(np.float64)
 
 
@@ -193,11 +278,20 @@ def prepare(impl: Impl, budget_bytes: int) -> _Prepared | dict[str, Any]:
     return {"status": "skipped", "note": str(e)}
   except Exception as e:  # noqa: BLE001 - a broken row is reported, the run goes on
     return {"status": "error", "note": f"build: {type(e).__name__}: {e}"[:300]}
-  if impl.family in HOST_FAMILIES:
+  if impl.runner == "host":
     if impl.host_bytes > budget_bytes:
       gib = (impl.host_bytes / 2**30, budget_bytes / 2**30)
       return {"status": "skipped", "note": "needs ~%.1f GiB, %.1f GiB free" % gib}
     return _Prepared(impl, lambda: fn(*args), {})
+  if impl.runner == "cuda":
+    import peers_torch
+
+    def call():
+      out = fn(*args)
+      peers_torch.synchronize("cuda")
+      return out
+
+    return _Prepared(impl, call, {})
   try:
     t0 = time.perf_counter()
     lowered = jax.jit(fn).lower(*args)
@@ -222,6 +316,17 @@ def prepare(impl: Impl, budget_bytes: int) -> _Prepared | dict[str, Any]:
 # ------------------------------------------------------------------------------------------ timing
 
 
+def _after_failure(p: _Prepared) -> None:
+  """After a PyTorch CUDA row fails (out of memory, say), hand its cached memory back."""
+  if p.impl.runner == "cuda":
+    import peers_torch
+
+    try:
+      peers_torch.release("cuda")
+    except Exception:  # noqa: BLE001 - best effort: the row is already reported
+      pass
+
+
 def time_interleaved(
     prepared: list[_Prepared],
     *,
@@ -230,11 +335,17 @@ def time_interleaved(
     log: Callable[[str], None],
     budget_s: float | None = None,
     min_repeats: int = 3,
+    budget: Budget | None = None,
 ) -> dict[str, dict[str, Any]]:
   """Warm up every implementation, then time them in rotation; Result fields by implementation name.
 
   With `budget_s`, the number of rounds is cut to what fits in that many seconds (judged from the
-  last warm-up call of each row), but never below `min_repeats`.
+  last warm-up call of each row), but never below `min_repeats`. With a global `budget`, rows not
+  yet warmed up when it is spent are skipped, and the rounds are cut to the time it has left
+  (again never below `min_repeats` for the rows that were warmed up).
+
+  The time of each row's first call is kept (`first_call_s`: for `torch.compile` rows, that is
+  where compilation happens). PyTorch rows on CUDA get `device_peak_bytes` from one more call.
 
   The first warm-up output of each row is sampled and compared with its `check` group's reference
   (the group's first JAX peer, else its first row): `max_rel_diff` is the max abs difference over
@@ -243,9 +354,13 @@ def time_interleaved(
   failed: dict[str, dict[str, Any]] = {}
   alive, round_s = [], 0.0
   for p in prepared:
+    if budget is not None and budget.spent():
+      failed[p.impl.name] = {**p.fields, "status": "skipped", "note": budget.note()}
+      continue
     try:
       t0 = time.perf_counter()
       out = p.call()
+      p.fields["first_call_s"] = time.perf_counter() - t0
       p.sample = [_sample(leaf) for leaf in _flatten(out)]
       del out
       for _ in range(warmup - 1):
@@ -254,16 +369,26 @@ def time_interleaved(
       round_s += time.perf_counter() - t0
       alive.append(p)
     except Exception as e:  # noqa: BLE001
-      failed[p.impl.name] = {"status": "error", "note": f"run: {type(e).__name__}: {e}"[:300]}
+      note = f"run: {type(e).__name__}: {e}"[:300]
+      failed[p.impl.name] = {**p.fields, "status": "error", "note": note}
+      _after_failure(p)
+  if budget is not None and budget.total_s is not None:
+    budget_s = budget.left() if budget_s is None else min(budget_s, budget.left())
   if budget_s is not None and round_s > 0:
     repeats = max(min_repeats, min(repeats, int(budget_s / round_s)))
   log(f"    timing {len(alive)} rows x {repeats} rounds (~{round_s:.2g} s a round)")
   for r in range(repeats):
     k = r % len(alive) if alive else 0
     for p in alive[k:] + alive[:k]:
-      t0 = time.perf_counter()
-      p.call()
-      p.times.append(time.perf_counter() - t0)
+      try:
+        t0 = time.perf_counter()
+        p.call()
+        p.times.append(time.perf_counter() - t0)
+      except Exception as e:  # noqa: BLE001 - e.g. out of memory at a later call: drop the row
+        note = f"run (timed round {r + 1}): {type(e).__name__}: {e}"[:300]
+        failed[p.impl.name] = {**p.fields, "status": "error", "note": note}
+        alive.remove(p)
+        _after_failure(p)
     if round_s > 2:
       log(f"    round {r + 1}/{repeats} done")
   refs: dict[str, list[np.ndarray]] = {}
@@ -272,6 +397,13 @@ def time_interleaved(
       refs.setdefault(p.impl.check, p.sample)
   fields = dict(failed)
   for p in alive:
+    if p.impl.runner == "cuda":
+      import peers_torch
+
+      try:
+        p.fields["device_peak_bytes"] = peers_torch.cuda_peak_bytes(p.call)
+      except Exception as e:  # noqa: BLE001 - the timing stands; the memory is reported missing
+        p.fields["note"] = f"memory probe: {type(e).__name__}: {e}"[:200]
     f = {**p.fields, "status": "ok", "times_s": tuple(p.times)}
     f["median_s"], f["min_s"] = float(np.median(p.times)), float(np.min(p.times))
     ref = refs.get(p.impl.check) if p.impl.check is not None else None

@@ -24,14 +24,21 @@ def logits_pair(n: int, v: int, seed: int = 0) -> dict[str, np.ndarray]:
   return {"logits": logits, "ref_logits": ref}
 
 
-def hidden_pair(n: int, v: int, d: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """Hidden states `[n, d]` and kernels `[d, v]` (Flax Dense layout), student and reference."""
+def hidden_pair(n: int, v: int, d: int, seed: int = 0, layout: str = "dv") -> dict[str, np.ndarray]:
+  """Hidden states `[n, d]` and kernels, student and reference.
+
+  Kernels are `[d, v]` for layout "dv" (Flax Dense) and `[v, d]` for "vd" (PyTorch's Linear
+  weight, Liger-Kernel's layout).
+  """
+  if layout not in ("dv", "vd"):
+    raise ValueError(f"layout must be 'dv' or 'vd', got {layout!r}")
   rng = np.random.default_rng(seed)
   scale = np.float32(2.0 / np.sqrt(d))
+  wshape = (d, v) if layout == "dv" else (v, d)
   hidden = rng.standard_normal((n, d), dtype=np.float32)
-  weight = rng.standard_normal((d, v), dtype=np.float32) * scale
+  weight = rng.standard_normal(wshape, dtype=np.float32) * scale
   ref_hidden = hidden + np.float32(0.5) * rng.standard_normal((n, d), dtype=np.float32)
-  ref_weight = weight + np.float32(0.5) * scale * rng.standard_normal((d, v), dtype=np.float32)
+  ref_weight = weight + np.float32(0.5) * scale * rng.standard_normal(wshape, dtype=np.float32)
   return {"hidden": hidden, "weight": weight, "ref_hidden": ref_hidden, "ref_weight": ref_weight}
 
 

@@ -51,6 +51,31 @@ def jnp_truncated_topk_kl(logits: jax.Array, ref_logprobs: jax.Array,
   return jnp.maximum(kl, 0.0)
 
 
+def jnp_js(logits: jax.Array, ref_logits: jax.Array, beta: float) -> jax.Array:
+  """Generalized Jensen-Shannon per position, `[..., V] -> [...]` float32, 0 < beta < 1.
+
+  m = (1 - beta) p + beta r, JS_beta = beta KL(r || m) + (1 - beta) KL(p || m), p the student:
+  TRL's and Liger-Kernel's convention, klagg's `direction="js"`.
+  """
+  logq = jax.nn.log_softmax(logits.astype(F32), axis=-1)
+  logr = jax.nn.log_softmax(ref_logits.astype(F32), axis=-1)
+  logm = jnp.logaddexp(logq + jnp.log1p(-beta), logr + jnp.log(beta))
+  return (beta * jnp.sum(jnp.exp(logr) * (logr - logm), axis=-1)
+          + (1 - beta) * jnp.sum(jnp.exp(logq) * (logq - logm), axis=-1))
+
+
+def logits_vd(hidden: jax.Array, weight: jax.Array) -> jax.Array:
+  """`hidden @ weight.T` for a `[V, D]` weight, accumulated and returned in float32."""
+  return jnp.matmul(hidden, weight.T, preferred_element_type=F32)
+
+
+def fused_js_materialized(hidden: jax.Array, weight: jax.Array, ref_hidden: jax.Array,
+                          ref_weight: jax.Array, beta: float) -> jax.Array:
+  """Mean JSD over positions with the `[N, V]` logits materialized; weights `[V, D]`."""
+  ref = jax.lax.stop_gradient(logits_vd(ref_hidden, ref_weight))
+  return jnp.mean(jnp_js(logits_vd(hidden, weight), ref, beta))
+
+
 def rmse(kl: jax.Array) -> jax.Array:
   """Root mean square over the last axis (every position valid)."""
   return jnp.sqrt(jnp.mean(jnp.square(kl), axis=-1))
@@ -93,3 +118,9 @@ def matmul_floor(hidden: jax.Array, weight: jax.Array, ref_hidden: jax.Array,
                  ref_weight: jax.Array) -> jax.Array:
   """Floor of the fused workload: the two forward logits matmuls (summed to one scalar)."""
   return jnp.sum(hidden @ weight, dtype=F32) + jnp.sum(ref_hidden @ ref_weight, dtype=F32)
+
+
+def matmul_floor_vd(hidden: jax.Array, weight: jax.Array, ref_hidden: jax.Array,
+                    ref_weight: jax.Array) -> jax.Array:
+  """`matmul_floor` for `[V, D]` weights, float32 logits (as the materialized JSD rows have)."""
+  return jnp.sum(logits_vd(hidden, weight)) + jnp.sum(logits_vd(ref_hidden, ref_weight))
