@@ -400,6 +400,9 @@ def rows_fused_js(case: Case, dev: dict[str, jax.Array]) -> list[H.Impl]:
       _row("klagg fused_linear_kl (per position, mean)", "klagg", lambda: klagg({}), "fused_js"),
       _row("klagg fused_linear_kl reduction='mean'", "klagg",
            lambda: klagg({"reduction": "mean"}), "fused_js"),
+      # A 16-bit d weight accumulator halves the largest temporary ([V, D]).
+      _row("klagg fused_linear_kl reduction='mean' accum_dtype=bfloat16", "klagg",
+           lambda: klagg({"reduction": "mean", "accum_dtype": jnp.bfloat16}), "fused_js"),
   ]
   for c in case.params.get("chunks", ()):
     kw = {"chunk_size": c, **({"reduction": "mean"} if scalar else {})}

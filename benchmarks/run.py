@@ -135,7 +135,7 @@ TINY = Config(shapes=((64, 512),), bf16=("kl",), aggs=("rmse", "soft_p95"), seq_
 # bf16 first: when the budget runs out, the f32 rows are the ones lost.
 GPU = Config(shapes=((8192, 131072),), dtypes=("bf16", "f32"), bf16=("kl", "barrier"),
              workloads=("kl", "barrier", "fused_js"), aggs=("rmse",), chunks=(512, 2048, 8192),
-             xla=True, fused_js_shapes=((8192, 4096, 128256),), fused_js_chunks=(2048,),
+             xla=True, fused_js_shapes=((8192, 4096, 128256),), fused_js_chunks=(1024, 4096, 8192),
              rss_workloads=(), repeats=10, warmup=2, budget_s=15.0, copy_bytes=2**30,
              matmul_size=8192, total_budget_s=150.0)
 # The same rows at shapes a CPU runs in seconds (`gpu_check.sh --dry-run`).
