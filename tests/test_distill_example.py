@@ -13,7 +13,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "distill_topk.py"
 
 def test_distill_topk_example_runs_and_tracks_the_true_kl(tmp_path):
   out = tmp_path / "teacher.npz"
-  env = {**os.environ, "KLAGG_EXAMPLE_STEPS": "2"}
+  env = {**os.environ, "KLAGG_EXAMPLE_STEPS": "2", "JAX_PLATFORMS": "cpu",  # a checkout, any box
+         "PYTHONPATH": os.pathsep.join([str(EXAMPLE.parents[1]), os.environ.get("PYTHONPATH", "")])}
   proc = subprocess.run([sys.executable, str(EXAMPLE), "--out", str(out)], capture_output=True,
                         text=True, env=env, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

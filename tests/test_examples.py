@@ -11,12 +11,14 @@ import pytest
 
 pytest.importorskip("flax")
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"  # run from a checkout: the subprocess imports klagg_jax from ROOT
 STEPS = 2
 
 
 def run_example(name: str) -> str:
-  env = dict(os.environ, KLAGG_EXAMPLE_STEPS=str(STEPS), JAX_PLATFORMS="cpu")
+  env = dict(os.environ, KLAGG_EXAMPLE_STEPS=str(STEPS), JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
   result = subprocess.run([sys.executable, str(EXAMPLES / name)], env=env, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]

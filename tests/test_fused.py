@@ -8,6 +8,11 @@ import pytest
 import klagg_jax as ka
 from tests.helpers import to_f64
 
+try:
+  from jax.extend.core import jaxprs_in_params
+except ImportError:  # JAX < 0.10
+  from jax.core import jaxprs_in_params
+
 N, D, V = 11, 6, 19
 
 
@@ -190,7 +195,7 @@ def test_reduced_low_precision_with_accum_dtype(problem):
 def _equations(jaxpr):
   for eqn in jaxpr.eqns:
     yield eqn
-    for sub in jax.core.jaxprs_in_params(eqn.params):
+    for sub in jaxprs_in_params(eqn.params):
       yield from _equations(sub)
 
 
@@ -224,7 +229,7 @@ def _matmuls(fn, *args):
     total = 0
     for eqn in jaxpr.eqns:
       total += eqn.primitive.name == "dot_general"
-      for sub in jax.core.jaxprs_in_params(eqn.params):
+      for sub in jaxprs_in_params(eqn.params):
         total += count(sub)
     return total
   return count(jaxpr.jaxpr)

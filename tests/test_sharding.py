@@ -30,7 +30,10 @@ if not CHILD:
     env = dict(os.environ, KLAGG_SHARDING_CHILD="1", JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", __file__],
+        # pytest-benchmark (where installed) warns, as an error here, when it sees the parent's
+        # xdist environment.
+        [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider",
+         "-p", "no:benchmark", __file__],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
 
