@@ -189,6 +189,7 @@ else:
 
   CLASSIC = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
   LAYOUTS4 = dict(LAYOUTS, batch2=(("data", "model"), None))
+  MESHES8 = {1: (1, 1), 8: (2, 4)}
   K = 8
 
   def every_kernel(a, b, mask, w, h, rh, wt, rwt, lp, idx, tail):
@@ -250,6 +251,36 @@ else:
     assert all(n < min(LOGITS_BLOCK, B * T * K) for n in moved), (kind, layout, moved)
     if vs is None:
       assert all(n <= B * T for n in moved), (kind, layout, moved)
+
+  @pytest.mark.parametrize("workload, layout", [
+      ("barrier", "batch"), ("barrier", "both"), ("kl_topk", "batch"), ("fused_mean", "vocab")])
+  def test_per_device_memory_falls_as_one_over_devices(workload, layout):
+    """Compile only (nothing allocated): temp + arguments + outputs per device on a classic mesh
+    of 8 devices, against one device, at a shape where the [N, V] arrays dominate."""
+    b, t, v, d, k = 8, 128, 4096, 256, 16
+
+    def total(devices):
+      shape = {"batch": (devices, 1), "vocab": (1, devices), "both": MESHES8[devices]}[layout]
+      mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]).reshape(shape),
+                               ("data", "model"))
+      bs, vs = LAYOUTS[layout]
+      st = lambda shp, spec, dt=jnp.float32: jax.ShapeDtypeStruct(
+          shp, dt, sharding=NamedSharding(mesh, P(*spec)))
+      if workload == "barrier":
+        fn = jax.grad(lambda a, r: ka.kl_barrier(a, r, agg="rmse", tau=0.0)[0])
+        args = (st((b, t, v), (bs, None, vs)),) * 2
+      elif workload == "kl_topk":
+        fn = jax.grad(lambda a, lp, i, tl: ka.kl_topk(a, lp, i, tl).sum())
+        args = (st((b, t, v), (bs, None, vs)), st((b, t, k), (bs, None, None)),
+                st((b, t, k), (bs, None, None), jnp.int32), st((b, t), (bs, None)))
+      else:
+        fn = jax.grad(lambda h, w, rh, rw: ka.fused_linear_kl(h, w, rh, rw, reduction="mean"),
+                      (0, 1))
+        args = (st((b, t, d), (bs, None, None)), st((d, v), (None, vs))) * 2
+      m = jax.jit(fn).lower(*args).compile().memory_analysis()
+      return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+
+    assert total(8) <= 0.2 * total(1), (workload, layout, total(8), total(1))
 
   def test_a_chunk_that_does_not_divide_the_rows_per_device():
     # 64 positions, 32 per device: blocks of at most 5 rows take 4-row blocks (no gather),
