@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from klagg_jax import _aggregate, _checks
 
@@ -96,22 +97,30 @@ def separation(kl_a: jax.typing.ArrayLike, kl_b: jax.typing.ArrayLike, *,
     where_a: optional bool mask broadcastable to ``kl_a``.
     where_b: optional bool mask broadcastable to ``kl_b``.
     axis: ``None`` (default): one aggregate over every valid position of a group (token level,
-      the design note's table). ``-1``: per-sequence aggregates, averaged over the group's
-      sequences that have a valid position: the ``div`` that :func:`klagg_jax.kl_barrier` logs.
+      the design note's table). ``-1`` (or the positive index of a group's last axis, e.g. 1 for
+      ``[B, T]``): per-sequence aggregates, averaged over the group's sequences that have a valid
+      position: the ``div`` that :func:`klagg_jax.kl_barrier` logs.
 
   Returns:
     ``{label: {"a": float, "b": float, "ratio": float}}`` in the order of ``aggs``, Python
     floats; ``ratio`` is inf where ``a`` is 0 and ``b`` is not, and 0.0 where both are 0.
 
   Raises:
-    ValueError: for an ``axis`` other than None or -1, an unknown aggregator, or a bad mask.
+    ValueError: for an ``axis`` other than None or the last axis, an unknown aggregator, a bad
+      mask, or a traced input (under ``jax.jit``, ``vmap`` or ``grad``: the result is Python
+      floats).
 
   Example:
     >>> for name, s in ka.separation(kl_good, kl_looping).items():
     ...   print(f"{name:>8} {s['a']:.3f} {s['b']:.3f} {s['ratio']:.1f}x")
   """
-  if axis not in (None, -1):
-    raise ValueError(f"axis must be None (token level) or -1 (per sequence); got {axis!r}.")
+  for name, value in (("kl_a", kl_a), ("kl_b", kl_b), ("where_a", where_a), ("where_b", where_b)):
+    if isinstance(value, jax.core.Tracer):
+      raise ValueError(
+          f"separation returns Python floats, so it runs outside jax.jit / vmap / grad; got a "
+          f"traced {name}. Call it on concrete arrays (e.g. after the step), or inside the "
+          "transformed function compute the values with ka.aggregate(kl, how, where=..., "
+          "axis=None) for each aggregator.")
   if isinstance(aggs, str) or callable(aggs):
     aggs = (aggs,)
   if not isinstance(aggs, Mapping):
@@ -121,6 +130,10 @@ def separation(kl_a: jax.typing.ArrayLike, kl_b: jax.typing.ArrayLike, *,
   def group(kl, where):
     kl = jnp.asarray(kl)
     mask = _checks.check_where(where, kl.shape, "kl")
+    if axis is not None and not (isinstance(axis, (int, np.integer)) and not isinstance(axis, bool)
+                                 and axis in (-1, kl.ndim - 1)):
+      raise ValueError(f"axis must be None (token level) or -1 (per sequence; {kl.ndim - 1}, the "
+                       f"last axis of kl with shape {kl.shape}, means the same); got {axis!r}.")
     if axis is None or kl.ndim == 0:
       return lambda how: _aggregate.aggregate(kl, how, where=mask, axis=None)
     seq_valid = jnp.ones(kl.shape[:-1], bool) if mask is None else mask.any(-1)
