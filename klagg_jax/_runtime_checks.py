@@ -181,7 +181,14 @@ def check_topk(ref_logprobs: jax.typing.ArrayLike, ref_indices: jax.typing.Array
   if atol is None or not atol >= 0:
     raise ValueError(f"mass_atol must be a static number >= 0; got {mass_atol!r}.")
   positions = lp.shape[:-1]
+  tail = None if ref_tail is None else jnp.asarray(ref_tail)
+  if tail is not None:
+    _checks.check_float("ref_tail", tail)
+    if tail.shape != positions:
+      raise ValueError(f"ref_tail has shape {tail.shape}; expected ref_logprobs.shape[:-1] = "
+                       f"{positions}.")
   valid = _valid(where, positions, "positions (ref_logprobs.shape[:-1])")
+  # Every static check is above; the value checks follow.
   _check_none(valid & ((idx < 0) | (idx >= vocab)).any(-1),
               f"check_topk: ref_indices at valid position {{pos}} has an index outside "
               f"[0, {int(vocab)}).")
@@ -202,13 +209,7 @@ def check_topk(ref_logprobs: jax.typing.ArrayLike, ref_indices: jax.typing.Array
               f"1 + {atol} (largest stored mass {{mass}}); ref_logprobs are not the "
               "log-probabilities of one distribution.",
               mass=jnp.max(jnp.where(valid, mass, 0.0)))
-  tail = None
-  if ref_tail is not None:
-    tail = jnp.asarray(ref_tail)
-    _checks.check_float("ref_tail", tail)
-    if tail.shape != positions:
-      raise ValueError(f"ref_tail has shape {tail.shape}; expected ref_logprobs.shape[:-1] = "
-                       f"{positions}.")
+  if tail is not None:
     t = tail.astype(_checks.compute_dtype(tail))
     _check_none(valid & (jnp.isnan(t) | (t > 0)),
                 "check_topk: ref_tail is NaN or above 0 at valid position {pos}; it is the log "
