@@ -45,19 +45,24 @@ def _check_not_full_vocabulary(name: str, x: jax.Array) -> None:
 
 
 def _k3(d: jax.Array) -> jax.Array:
-  """e^d - d - 1 = sum_{n >= 2} d^n / n!, accurate to rounding for every d (inf for d > ~88)."""
+  """e^d - d - 1 = sum_{n >= 2} d^n / n!, accurate to rounding for every d (inf for d > ~88).
+
+  d = +inf (an unclipped log ratio with a -inf log-prob) gives +inf, not inf - inf = NaN; NaN
+  stays NaN.
+  """
   small = jnp.abs(d) < _SERIES_BELOW
+  infinite = d == jnp.inf
   # Double where: each branch only ever sees inputs where it is finite, so the unselected
   # branch cannot put 0 * inf = NaN into the gradient.
   ds = jnp.where(small, d, 0.0)
-  dl = jnp.where(small, 1.0, d)
+  dl = jnp.where(small | infinite, 1.0, d)
   # Horner on d^2 (1/2! + d (1/3! + d (1/4! + ... + d / N!))).
   terms = _SERIES_TERMS[jnp.dtype(d.dtype)]
   series = jnp.full_like(ds, 1.0 / math.factorial(terms))
   for n in range(terms - 1, 1, -1):
     series = series * ds + 1.0 / math.factorial(n)
   series = series * ds * ds
-  return jnp.where(small, series, jnp.expm1(dl) - dl)
+  return jnp.where(small, series, jnp.where(infinite, jnp.inf, jnp.expm1(dl) - dl))
 
 
 def kl_estimate(logp: jax.typing.ArrayLike, ref_logp: jax.typing.ArrayLike, *,

@@ -295,3 +295,14 @@ def test_per_token_inputs_of_any_rank_pass_the_vocabulary_guard(shape):
 def test_non_bool_mask_error_suggests_astype_bool(mask_dtype):
   with pytest.raises(ValueError, match=r"where must be a boolean array.*\.astype\(bool\)"):
     ka.kl_estimate(jnp.zeros((2, 4)), jnp.zeros((2, 4)), where=jnp.ones((2, 4), mask_dtype))
+
+
+def test_k3_of_an_infinite_log_ratio_is_inf_not_nan():
+  """Unclipped, a -inf student log-prob gives d = +inf: e^d - d - 1 was inf - inf = NaN."""
+  logp = jnp.array([-jnp.inf, -1.0, -1.0], jnp.float32)
+  ref_logp = jnp.array([-1.0, -jnp.inf, -1.0], jnp.float32)
+  got = ka.kl_estimate(logp, ref_logp, max_log_ratio=None)
+  np.testing.assert_array_equal(got, [np.inf, np.inf, 0.0])
+  g = jax.grad(lambda a: ka.kl_estimate(a, ref_logp, max_log_ratio=None)[2])(logp)
+  np.testing.assert_array_equal(g, 0.0)  # the other positions' gradients stay clean
+  assert np.isnan(ka.kl_estimate(jnp.float32(jnp.nan), jnp.float32(-1.0), max_log_ratio=None))
