@@ -164,6 +164,9 @@ def maximum(x: jax.typing.ArrayLike, *, where: Any = None, axis: int | None = -1
   Returns:
     float32 array, ``x``'s shape without ``axis``; 0.0 for an empty selection; NaN if a
     valid entry is NaN.
+
+  Raises:
+    ValueError: the errors of :func:`mean`.
   """
   x, mask, count = _prepare(x, where, axis)
   return _masked_max(x, mask, count)

@@ -88,7 +88,8 @@ def kl_estimate(logp: jax.typing.ArrayLike, ref_logp: jax.typing.ArrayLike, *,
   whose last axis has >= 16384 entries (``VOCAB_LIKE_AXIS``, shorter than any production LM
   vocabulary) is refused as ``[B, T, V]`` log-probs given where ``[B, T]`` was meant. Per-token
   arrays of that rank and length pass once reshaped to 2-D. NaN at a valid position gives NaN
-  there; a NaN at a masked position gives exactly 0 and zero gradient.
+  there; a NaN at a masked position gives exactly 0 and zero gradient. Log-probs above 0 (logits
+  passed by mistake) are a value problem: :func:`klagg_jax.check_logprobs` finds them, opt-in.
 
   Args:
     logp: the student's log-probabilities of the sampled tokens, e.g. ``[B, T]`` or ``[T]``,
