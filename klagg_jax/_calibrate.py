@@ -13,16 +13,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from klagg_jax import _aggregate, _checks
+from klagg_jax import _aggregate, _checks, _numerics
 
 SEPARATION_AGGS = ("mean", "rmse", "p95", "max", "soft_p95", "cvar95")
 
 
 def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
-  """num / den for num, den >= 0, with x / 0 = inf for x > 0 and 0 / 0 = 0."""
-  zero = den == 0
-  ratio = num / jnp.where(zero, 1.0, den)
-  return jnp.where(zero, jnp.where(num > 0, jnp.inf, 0.0), ratio)
+  """num / den for num, den >= 0, with x / 0 = inf for x > 0 and 0 / 0 = 0; NaN stays NaN."""
+  zero = _numerics.is_zero(den)
+  ratio = _numerics.safe_divide(num, den)
+  return jnp.where(zero, jnp.where(_numerics.is_zero(num), 0.0, num * jnp.inf), ratio)
 
 
 def calibrate_tau(kl_pos: jax.typing.ArrayLike, *, agg: str | _aggregate.Aggregator,
@@ -164,9 +164,10 @@ def _global_norm(tree: Any) -> jax.Array:
   if not leaves:
     return jnp.zeros((), jnp.float32)
   top = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0.0) for x in leaves]))
-  scale = jnp.where(top > 0, top, 1.0)
+  flat = _numerics.is_zero(top)  # a NaN gradient is not "no gradient": it reaches the norm
+  scale = jnp.where(flat, 1.0, top)
   total = sum(jnp.sum(jnp.square(x / scale)) for x in leaves)
-  return jnp.where(top > 0, scale * jnp.sqrt(total), 0.0)
+  return jnp.where(flat, 0.0, scale * jnp.sqrt(total))
 
 
 def grad_pressure(loss_a: Callable[..., jax.Array], loss_b: Callable[..., jax.Array],
@@ -177,7 +178,8 @@ def grad_pressure(loss_a: Callable[..., jax.Array], loss_b: Callable[..., jax.Ar
   barrier and ``loss_b`` the SFT loss (the design note's g_bar / g_nll): >> 1 the barrier fights
   the fine-tuning, ~ 1 they are balanced, 0 the barrier is inert (it has not fired). Both losses
   share one forward pass. When ||grad loss_b|| is 0 the result is inf if ||grad loss_a|| > 0,
-  else 0.0 (both inert). Works under ``jit``.
+  else 0.0 (both inert). A NaN in either gradient gives NaN (never a quiet 0: "inert").
+  Works under ``jit``.
 
   Args:
     loss_a: ``loss_a(params, *args)`` -> scalar, the numerator's loss (e.g. the barrier).

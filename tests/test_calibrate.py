@@ -257,3 +257,19 @@ def test_separation_positive_last_axis_means_per_sequence(rng):
   np.testing.assert_equal(ka.separation(kl_a, kl_b, axis=1), ka.separation(kl_a, kl_b, axis=-1))
   with pytest.raises(ValueError, match=r"axis must be None.*1, the last axis of kl"):
     ka.separation(kl_a, kl_b, axis=0)
+
+
+def test_grad_pressure_of_a_nan_gradient_is_nan_not_inert():
+  """The norm's scale test was ``top > 0``, which NaN fails: a NaN gradient read as 0 (inert)."""
+  params = {"w": jnp.ones(3)}
+  nan_loss = lambda p: jnp.sum(p["w"] * jnp.array([1.0, jnp.nan, 2.0]))
+  fine = lambda p: jnp.sum(p["w"] ** 2)
+  assert np.isnan(ka.grad_pressure(nan_loss, fine, params))
+  assert np.isnan(ka.grad_pressure(fine, nan_loss, params))
+
+
+def test_separation_ratio_of_a_nan_is_nan():
+  """x / 0 = inf tested ``x > 0``: a NaN aggregate over a zero one gave a ratio of 0."""
+  got = ka.separation(np.zeros(4), np.array([1.0, np.nan, 0.0, 2.0]), aggs=("mean", "rmse", "p95"))
+  for row in got.values():
+    assert np.isnan(row["b"]) and np.isnan(row["ratio"]), got
