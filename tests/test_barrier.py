@@ -171,7 +171,9 @@ def test_logits_without_position_axis_raise():
 METRIC_AGGREGATES = ("div", "kl_mean", "kl_rmse", "kl_p95", "kl_max")
 
 
-@pytest.mark.parametrize("agg", AGGS + ("power_mean",))
+# Every aggregator's own NaN handling is tested in test_aggregate.py; here the barrier's plumbing
+# (hinge, mean over sequences, metrics) around a few of them.
+@pytest.mark.parametrize("agg", ["rmse", "p95", "smooth_max", "power_mean"])
 @pytest.mark.parametrize("axis", [-1, None])
 def test_nan_divergence_at_a_valid_position_reaches_loss_and_metrics(agg, axis):
   """The barrier's aggregation half, fed per-position values: a NaN at a valid position makes the
@@ -219,7 +221,7 @@ def test_nan_logits_at_a_valid_position_give_nan_loss_and_metrics():
   np.testing.assert_array_equal(g[0, 1], 0.0)
 
 
-@pytest.mark.parametrize("agg", AGGS + ("power_mean",))
+@pytest.mark.parametrize("agg", ["rmse", "cvar95", "power_mean"])
 @pytest.mark.parametrize("axis", [-1, None])
 def test_empty_position_axis_gives_zero_loss_metrics_and_gradient(agg, axis):
   """[B, 0, V] logits raised numpy's "zero-size array to reduction operation max" (kl_max)."""
