@@ -18,6 +18,9 @@ from klagg_jax._calibrate import separation as separation
 from klagg_jax._divergence import kl_per_position as kl_per_position
 from klagg_jax._estimators import kl_estimate as kl_estimate
 from klagg_jax._fused import fused_linear_kl as fused_linear_kl
+from klagg_jax._runtime_checks import check_logits as check_logits
+from klagg_jax._runtime_checks import check_logprobs as check_logprobs
+from klagg_jax._runtime_checks import check_topk as check_topk
 from klagg_jax._sharding import Partition as Partition
 from klagg_jax._topk import fused_linear_kl_topk as fused_linear_kl_topk
 from klagg_jax._topk import kl_topk as kl_topk
@@ -29,6 +32,9 @@ __all__ = [
     "Partition",
     "aggregate",
     "calibrate_tau",
+    "check_logits",
+    "check_logprobs",
+    "check_topk",
     "cvar",
     "fused_linear_kl",
     "fused_linear_kl_topk",

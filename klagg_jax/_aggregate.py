@@ -1,11 +1,12 @@
 """Masked aggregators over positions: one scalar per sequence (``axis=-1``) or per batch (``axis=None``).
 
 Every aggregator has the signature ``f(x, *, where=None, axis=-1, ...)``, computes in float32
-(float64 for float64 input), and follows three conventions:
+(float64 for float64 input), and follows four conventions:
 
-* an empty selection (no valid entry) gives 0.0 with a zero gradient;
+* an empty selection (no valid entry, or a zero-length axis) gives 0.0 with a zero gradient;
 * masked entries never reach the arithmetic, so NaN/inf padding is harmless;
-* gradients are finite everywhere, including at an all-zero input.
+* a NaN among the valid entries gives NaN (emptiness is tested by equality, ``_numerics``);
+* gradients are finite everywhere on finite input, including at an all-zero input.
 
 These functions know nothing of KL divergences; ``_barrier.py`` joins the two halves.
 """
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtr
 
-from klagg_jax import _checks, _sharding
+from klagg_jax import _checks, _numerics, _sharding
 
 Aggregator = Callable[..., jax.Array]
 
@@ -43,17 +44,16 @@ def _prepare(x: jax.typing.ArrayLike, where: Any, axis: int | None):
     x, mask = _sharding.unshard(x, minor).reshape(-1), _sharding.unshard(mask, minor).reshape(-1)
   else:
     x, mask = jnp.moveaxis(x, ax, -1), jnp.moveaxis(mask, ax, -1)
+  if x.shape[-1] == 0:
+    # A zero-length axis is an empty selection: one masked entry makes every aggregator take
+    # its empty-row path (0.0, zero gradient) instead of reducing over nothing.
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, 1)]
+    x, mask = jnp.pad(x, pad), jnp.pad(mask, pad)
   # Masked entries become 0 before any arithmetic: NaN padding can then reach neither the
   # value nor (through 0 * NaN) the gradient.
   x = jnp.where(mask, x, 0.0)
   count = mask.sum(-1)
   return x, mask, count
-
-
-def _safe_sqrt(s: jax.Array) -> jax.Array:
-  """sqrt with value 0 and gradient 0 at s <= 0 (the subgradient convention of optax's numerics)."""
-  pos = s > 0
-  return jnp.where(pos, jnp.sqrt(jnp.where(pos, s, 1.0)), 0.0)
 
 
 def _masked_mean(x: jax.Array, mask: jax.Array, count: jax.Array) -> jax.Array:
@@ -64,7 +64,7 @@ def _masked_mean(x: jax.Array, mask: jax.Array, count: jax.Array) -> jax.Array:
 def _masked_max(x: jax.Array, mask: jax.Array, count: jax.Array) -> jax.Array:
   # Gradient ties split evenly (jax's reduce_max rule); -inf padding never wins.
   m = jnp.max(jnp.where(mask, x, -jnp.inf), axis=-1)
-  return jnp.where(count > 0, m, 0.0)
+  return jnp.where(_numerics.is_zero(count), 0.0, m)
 
 
 def _sorted_valid(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -72,11 +72,20 @@ def _sorted_valid(x: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sort(_sharding.unshard(jnp.where(mask, x, jnp.inf), [-1]), axis=-1)
 
 
+def _nan_if_any_nan(value: jax.Array, x: jax.Array) -> jax.Array:
+  """``value``, or NaN where a row of ``x`` (masked entries already zeroed) holds a NaN.
+
+  The sort-based aggregators read only a few order statistics, and ``jnp.sort`` puts NaN last:
+  a NaN at a valid position would otherwise be skipped by a quantile that reads lower ranks.
+  """
+  return jnp.where(jnp.isnan(x).any(-1), jnp.asarray(jnp.nan, value.dtype), value)
+
+
 def _weighted_order_statistics(xs: jax.Array, w: jax.Array, valid_rank: jax.Array,
                                count: jax.Array) -> jax.Array:
   """sum_i w_i x_(i) for weights summing to 1, written as x_(0) + sum_i w_i (x_(i) - x_(0)):
   exact on constant input whatever the weights' rounding, and inf padding never multiplied."""
-  x0 = jnp.where(count > 0, xs[..., 0], 0.0)
+  x0 = jnp.where(_numerics.is_zero(count), 0.0, xs[..., 0])
   offsets = jnp.where(valid_rank, xs - x0[..., None], 0.0)
   return x0 + (w * offsets).sum(-1)
 
@@ -104,7 +113,8 @@ def mean(x: jax.typing.ArrayLike, *, where: Any = None, axis: int | None = -1) -
 
   Returns:
     float32 array of ``x``'s shape without ``axis`` (a scalar for ``axis=None``); 0.0 where
-    the selection is empty.
+    the selection is empty (no valid entry, or a zero-length axis), with a zero gradient; NaN
+    where a valid entry is NaN (as in every aggregator here).
 
   Raises:
     ValueError: for a non-float ``x``, an ``axis`` out of range, or a ``where`` that does not
@@ -119,7 +129,9 @@ def rmse(x: jax.typing.ArrayLike, *, where: Any = None, axis: int | None = -1,
   """Root mean square: sqrt(mean(x^2) + eps).
 
   ``eps`` is added in float32 (never in the input dtype, where 1e-8 underflows in float16), and
-  the square root has a finite gradient at 0 even for ``eps=0`` (value 0, gradient 0 there).
+  the square root has a finite gradient at 0 even for ``eps=0`` (value 0, gradient 0 there). A
+  NaN among the valid entries gives NaN: the square root's guard tests ``s <= 0``, which NaN
+  fails, so NaN is never mistaken for 0.
 
   Args:
     x: values, e.g. per-position KL of shape ``[B, T]``.
@@ -128,7 +140,8 @@ def rmse(x: jax.typing.ArrayLike, *, where: Any = None, axis: int | None = -1,
     eps: non-negative constant inside the square root.
 
   Returns:
-    float32 array, ``x``'s shape without ``axis``; 0.0 for an empty selection.
+    float32 array, ``x``'s shape without ``axis``; 0.0 for an empty selection; NaN if a
+    valid entry is NaN.
 
   Raises:
     ValueError: for ``eps < 0`` and the errors of :func:`mean`.
@@ -137,7 +150,7 @@ def rmse(x: jax.typing.ArrayLike, *, where: Any = None, axis: int | None = -1,
     raise ValueError(f"eps must be >= 0; got {e}.")
   x, mask, count = _prepare(x, where, axis)
   ms = _masked_mean(x * x, mask, count)
-  return jnp.where(count > 0, _safe_sqrt(ms + eps), 0.0)
+  return jnp.where(_numerics.is_zero(count), 0.0, _numerics.safe_sqrt(ms + eps))
 
 
 def maximum(x: jax.typing.ArrayLike, *, where: Any = None, axis: int | None = -1) -> jax.Array:
@@ -149,7 +162,11 @@ def maximum(x: jax.typing.ArrayLike, *, where: Any = None, axis: int | None = -1
     axis: axis to reduce, or ``None`` for every valid entry.
 
   Returns:
-    float32 array, ``x``'s shape without ``axis``; 0.0 for an empty selection.
+    float32 array, ``x``'s shape without ``axis``; 0.0 for an empty selection; NaN if a
+    valid entry is NaN.
+
+  Raises:
+    ValueError: the errors of :func:`mean`.
   """
   x, mask, count = _prepare(x, where, axis)
   return _masked_max(x, mask, count)
@@ -173,7 +190,8 @@ def quantile(x: jax.typing.ArrayLike, q: float, *, where: Any = None,
     axis: axis to reduce, or ``None`` for every valid entry.
 
   Returns:
-    float32 array, ``x``'s shape without ``axis``; 0.0 for an empty selection.
+    float32 array, ``x``'s shape without ``axis``; 0.0 for an empty selection; NaN if a
+    valid entry is NaN.
 
   Raises:
     ValueError: for ``q`` outside (0, 1) and the errors of :func:`mean`.
@@ -188,9 +206,10 @@ def quantile(x: jax.typing.ArrayLike, q: float, *, where: Any = None,
   frac = h - lo.astype(x.dtype)
   x_lo, x_hi = _take(xs, lo), _take(xs, hi)
   # For an empty row x_lo = x_hi = +inf: select them away before the arithmetic.
-  x_lo = jnp.where(count > 0, x_lo, 0.0)
-  x_hi = jnp.where(count > 0, x_hi, 0.0)
-  return x_lo + frac * (x_hi - x_lo)
+  empty = _numerics.is_zero(count)
+  x_lo = jnp.where(empty, 0.0, x_lo)
+  x_hi = jnp.where(empty, 0.0, x_hi)
+  return _nan_if_any_nan(x_lo + frac * (x_hi - x_lo), x)
 
 
 def _gaussian_rank_weights(count: jax.Array, n: int, q: float, bandwidth: float,
@@ -245,7 +264,8 @@ def soft_quantile(x: jax.typing.ArrayLike, q: float, *, where: Any = None, axis:
       :func:`quantile`.
 
   Returns:
-    float32 array, ``x``'s shape without ``axis``; 0.0 for an empty selection.
+    float32 array, ``x``'s shape without ``axis``; 0.0 for an empty selection; NaN if a
+    valid entry is NaN.
 
   Raises:
     ValueError: for ``q`` outside (0, 1), a negative or traced ``bandwidth``, and the errors
@@ -265,7 +285,7 @@ def soft_quantile(x: jax.typing.ArrayLike, q: float, *, where: Any = None, axis:
   xs = _sorted_valid(x, mask)
   w = _gaussian_rank_weights(count, xs.shape[-1], q, bw, x.dtype)
   valid_rank = _ranks(xs.shape, count.dtype) < count[..., None]
-  return _weighted_order_statistics(xs, w, valid_rank, count)
+  return _nan_if_any_nan(_weighted_order_statistics(xs, w, valid_rank, count), x)
 
 
 def cvar(x: jax.typing.ArrayLike, q: float, *, where: Any = None,
@@ -284,7 +304,8 @@ def cvar(x: jax.typing.ArrayLike, q: float, *, where: Any = None,
     axis: axis to reduce, or ``None`` for every valid entry.
 
   Returns:
-    float32 array, ``x``'s shape without ``axis``; 0.0 for an empty selection.
+    float32 array, ``x``'s shape without ``axis``; 0.0 for an empty selection; NaN if a
+    valid entry is NaN.
 
   Raises:
     ValueError: for ``q`` outside (0, 1) and the errors of :func:`mean`.
@@ -299,7 +320,8 @@ def cvar(x: jax.typing.ArrayLike, q: float, *, where: Any = None,
   rank = _ranks(xs.shape, x.dtype, start=1)
   w = jnp.maximum(rank / n - jnp.maximum((rank - 1.0) / n, q), 0.0) / (1.0 - q)
   valid_rank = rank <= count[..., None]
-  return _weighted_order_statistics(xs, jnp.where(valid_rank, w, 0.0), valid_rank, count)
+  value = _weighted_order_statistics(xs, jnp.where(valid_rank, w, 0.0), valid_rank, count)
+  return _nan_if_any_nan(value, x)
 
 
 def smooth_max(x: jax.typing.ArrayLike, temperature: float = 1.0, *, where: Any = None,
@@ -315,7 +337,8 @@ def smooth_max(x: jax.typing.ArrayLike, temperature: float = 1.0, *, where: Any 
     axis: axis to reduce, or ``None`` for every valid entry.
 
   Returns:
-    float32 array, ``x``'s shape without ``axis``; 0.0 for an empty selection.
+    float32 array, ``x``'s shape without ``axis``; 0.0 for an empty selection; NaN if a
+    valid entry is NaN.
 
   Raises:
     ValueError: for a static ``temperature <= 0`` and the errors of :func:`mean`.
@@ -324,13 +347,15 @@ def smooth_max(x: jax.typing.ArrayLike, temperature: float = 1.0, *, where: Any 
   x, mask, count = _prepare(x, where, axis)
   z = x / jnp.asarray(temperature, x.dtype)
   top = jax.lax.stop_gradient(_masked_max(z, mask, count))
-  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  # Shift by the maximum unless it is infinite (inf - inf would be NaN); a NaN maximum stays,
+  # so a NaN entry reaches the value.
+  top = jnp.where(jnp.isinf(top), 0.0, top)
   # log mean exp(d) = log1p(mean expm1(d)) with d = z - max z <= 0: no cancellation when the
   # temperature is large and every d is tiny.
   d = jnp.where(mask, z - top[..., None], 0.0)
   s = jnp.where(mask, jnp.expm1(d), 0.0).sum(-1) / jnp.maximum(count, 1).astype(x.dtype)
   value = temperature * (jnp.log1p(s) + top)
-  return jnp.where(count > 0, value, 0.0)
+  return jnp.where(_numerics.is_zero(count), 0.0, value)
 
 
 def power_mean(x: jax.typing.ArrayLike, p: float, *, where: Any = None,
@@ -340,7 +365,7 @@ def power_mean(x: jax.typing.ArrayLike, p: float, *, where: Any = None,
   p = 1 is :func:`mean`, p = 2 the eps-free RMS, p -> inf :func:`maximum`. Negative entries (a
   KL of -1e-9 from rounding) count as 0. Computed as M (mean((x / M)^p))^(1/p) with M the
   (gradient-stopped) maximum, so large p neither overflows nor underflows; at an all-zero input
-  the value is 0 with gradient 0.
+  (M == 0, tested by equality) the value is 0 with gradient 0, and a NaN entry gives NaN.
 
   Args:
     x: non-negative values.
@@ -349,7 +374,8 @@ def power_mean(x: jax.typing.ArrayLike, p: float, *, where: Any = None,
     axis: axis to reduce, or ``None`` for every valid entry.
 
   Returns:
-    float32 array, ``x``'s shape without ``axis``; 0.0 for an empty selection.
+    float32 array, ``x``'s shape without ``axis``; 0.0 for an empty selection; NaN if a
+    valid entry is NaN.
 
   Raises:
     ValueError: for ``p < 1`` or a traced ``p``, and the errors of :func:`mean`.
@@ -358,15 +384,16 @@ def power_mean(x: jax.typing.ArrayLike, p: float, *, where: Any = None,
   if pv is None or not pv >= 1.0:
     raise ValueError(f"p must be a static number >= 1; got {p!r}.")
   x, mask, count = _prepare(x, where, axis)
-  x = jnp.maximum(jnp.where(mask, x, 0.0), 0.0)
+  x = jnp.maximum(jnp.where(mask, x, 0.0), 0.0)  # jnp.maximum keeps NaN
   top = jax.lax.stop_gradient(_masked_max(x, mask, count))
-  positive = top > 0
-  scale = jnp.where(positive, top, 1.0)[..., None]
+  # top >= 0 or NaN. Tested by equality: a NaN maximum is not "all zero" and reaches the value.
+  flat = _numerics.is_zero(top)
+  scale = jnp.where(flat, 1.0, top)[..., None]
   s = _masked_mean((x / scale) ** pv, mask, count)
-  # s >= 1/n wherever top > 0, so the root's gradient is finite; elsewhere the value is 0.
-  root = jnp.where(positive, s, 1.0) ** (1.0 / pv)
+  # s >= 1/n wherever top > 0, so the root's gradient is finite; where flat the value is 0.
+  root = jnp.where(flat, 1.0, s) ** (1.0 / pv)
   # An infinite entry (a reference with -inf where the student has mass) makes the mean infinite.
-  return jnp.where(jnp.isinf(top), top, jnp.where(positive, root * scale[..., 0], 0.0))
+  return jnp.where(jnp.isinf(top), top, jnp.where(flat, 0.0, root * scale[..., 0]))
 
 
 # ------------------------------------------------------------------------------------------------

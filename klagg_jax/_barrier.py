@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from klagg_jax import _aggregate, _checks, _divergence, _sharding
 
@@ -72,7 +73,8 @@ def kl_barrier(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *
       ``"cvar95"``, ``"smooth_max"``, ...) or callable; see :func:`klagg_jax.aggregate`.
     tau: hinge threshold, in the aggregate's units.
     lam: weight of the penalty.
-    axis: ``-1`` per sequence, ``None`` over all tokens.
+    axis: ``-1`` per sequence, ``None`` over all tokens. The positive index of the position
+      axis (``logits.ndim - 2``, e.g. 1 for ``[B, T, V]``) means -1 too.
     hinge: ``"relu"``, ``"squared"`` or ``"softplus"``.
     stop_ref_grad: if True (default) no gradient reaches ``ref_logits`` (and none is computed).
     temperature: softmax temperature of both distributions.
@@ -89,20 +91,23 @@ def kl_barrier(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *
     ``(loss, metrics)``: ``loss`` a float32 scalar; ``metrics`` float32 scalars without gradient:
     ``div`` (the aggregate, averaged over valid sequences), ``kl_mean``, ``kl_rmse``, ``kl_p95``,
     ``kl_max`` (aggregated the same way, whatever ``agg`` is), ``fired`` (fraction of valid
-    sequences with div > tau) and ``n_positions`` (valid positions).
+    sequences with div > tau) and ``n_positions`` (valid positions). Under x64 with float64
+    inputs, loss and metrics are float64. A NaN divergence at a valid position makes the loss
+    and ``div``, ``kl_mean``, ``kl_rmse``, ``kl_p95``, ``kl_max`` NaN (a diverged student never
+    reads as a quiet barrier); an empty position axis (``[B, 0, V]``) or an all-False ``where``
+    gives a loss of 0 with zero gradient and zero metrics.
 
   Raises:
     ValueError: for bad shapes or names (see :func:`kl_per_position`, :func:`aggregate`), an
-      ``axis`` other than -1 or None, or logits without a position axis.
+      ``axis`` other than -1, ``logits.ndim - 2`` or None, or logits without a position axis.
 
   Example:
     >>> loss, metrics = ka.kl_barrier(logits, base_logits, where=mask, agg="rmse", tau=0.5)
   """
   logits = jnp.asarray(logits)
-  if axis not in (-1, None):
-    raise ValueError(f"axis must be -1 (per sequence) or None (all tokens); got {axis!r}.")
   if logits.ndim < 2:
     raise ValueError(f"logits must have shape [..., T, V] with a position axis; got {logits.shape}.")
+  axis = _position_axis(axis, logits.shape)
   aggregator = _aggregate.resolve(agg)
   agg_kwargs = dict(agg_kwargs or {})
   kl = _divergence.per_position(logits, ref_logits, direction=direction, where=where,
@@ -111,24 +116,52 @@ def kl_barrier(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *
                                 implementation=implementation)
   mask = _checks.check_where(where, kl.shape, "positions (logits.shape[:-1])")
   mask = jnp.ones(kl.shape, bool) if mask is None else mask
+  return _from_divergence(kl, mask, aggregator, tau=tau, lam=lam, axis=axis, hinge=hinge,
+                          agg_kwargs=agg_kwargs, hinge_kwargs=hinge_kwargs)
+
+
+def _position_axis(axis: Any, shape: tuple[int, ...]) -> int | None:
+  """-1 or None; the positive index of the position axis of ``[..., T, V]`` logits means -1."""
+  last = len(shape) - 2
+  if axis is None:
+    return None
+  if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool) and axis in (-1, last):
+    return -1
+  raise ValueError(
+      f"axis must be -1 (per sequence; {last}, the position axis of logits with shape "
+      f"{tuple(shape)}, means the same) or None (all tokens); got {axis!r}.")
+
+
+def _from_divergence(kl: jax.Array, mask: jax.Array, aggregator: _aggregate.Aggregator, *,
+                     tau: float | jax.Array, lam: float | jax.Array, axis: int | None,
+                     hinge: str, agg_kwargs: dict[str, Any],
+                     hinge_kwargs: dict[str, Any] | None
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The barrier's second half, from per-position divergences ``kl`` ``[..., T]`` and a bool mask.
+
+  Everything is in ``kl``'s dtype (float32, or float64 under x64 with float64 inputs). A NaN at
+  a valid position reaches the loss and every aggregate metric (``fired`` counts it as not
+  fired); an empty position axis or selection gives a loss of 0 and zero metrics.
+  """
+  dtype = kl.dtype
   div = aggregator(kl, where=mask, axis=axis, **agg_kwargs)
   seq_valid = mask.any(-1) if axis == -1 else mask.any()
-  n_seq = jnp.maximum(seq_valid.sum(), 1).astype(jnp.float32)
+  n_seq = jnp.maximum(seq_valid.sum(), 1).astype(dtype)
 
   def over_sequences(v):
     return jnp.where(seq_valid, v, 0.0).sum() / n_seq
 
   penalty = hinge_fn(div, tau, hinge, **(hinge_kwargs or {}))
-  loss = (lam * over_sequences(penalty)).astype(jnp.float32)
+  loss = (lam * over_sequences(penalty)).astype(dtype)
 
   kl_ng, div_ng = jax.lax.stop_gradient(kl), jax.lax.stop_gradient(div)
   watch = {"kl_mean": "mean", "kl_rmse": "rmse", "kl_p95": "p95", "kl_max": "max"}
   metrics = {"div": over_sequences(div_ng)}
   for name, how in watch.items():
     metrics[name] = over_sequences(_aggregate.aggregate(kl_ng, how, where=mask, axis=axis))
-  metrics["fired"] = over_sequences((div_ng > tau).astype(jnp.float32))
-  metrics["n_positions"] = mask.sum().astype(jnp.float32)
-  metrics = {k: jax.lax.stop_gradient(v.astype(jnp.float32)) for k, v in metrics.items()}
+  metrics["fired"] = over_sequences((div_ng > tau).astype(dtype))
+  metrics["n_positions"] = mask.sum().astype(dtype)
+  metrics = {k: jax.lax.stop_gradient(v.astype(dtype)) for k, v in metrics.items()}
   return loss, metrics
 
 

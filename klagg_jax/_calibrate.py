@@ -11,17 +11,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from klagg_jax import _aggregate, _checks
+from klagg_jax import _aggregate, _checks, _numerics
 
 SEPARATION_AGGS = ("mean", "rmse", "p95", "max", "soft_p95", "cvar95")
 
 
 def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
-  """num / den for num, den >= 0, with x / 0 = inf for x > 0 and 0 / 0 = 0."""
-  zero = den == 0
-  ratio = num / jnp.where(zero, 1.0, den)
-  return jnp.where(zero, jnp.where(num > 0, jnp.inf, 0.0), ratio)
+  """num / den for num, den >= 0, with x / 0 = inf for x > 0 and 0 / 0 = 0; NaN stays NaN."""
+  zero = _numerics.is_zero(den)
+  ratio = _numerics.safe_divide(num, den)
+  return jnp.where(zero, jnp.where(_numerics.is_zero(num), 0.0, num * jnp.inf), ratio)
 
 
 def calibrate_tau(kl_pos: jax.typing.ArrayLike, *, agg: str | _aggregate.Aggregator,
@@ -96,22 +97,30 @@ def separation(kl_a: jax.typing.ArrayLike, kl_b: jax.typing.ArrayLike, *,
     where_a: optional bool mask broadcastable to ``kl_a``.
     where_b: optional bool mask broadcastable to ``kl_b``.
     axis: ``None`` (default): one aggregate over every valid position of a group (token level,
-      the design note's table). ``-1``: per-sequence aggregates, averaged over the group's
-      sequences that have a valid position: the ``div`` that :func:`klagg_jax.kl_barrier` logs.
+      the design note's table). ``-1`` (or the positive index of a group's last axis, e.g. 1 for
+      ``[B, T]``): per-sequence aggregates, averaged over the group's sequences that have a valid
+      position: the ``div`` that :func:`klagg_jax.kl_barrier` logs.
 
   Returns:
     ``{label: {"a": float, "b": float, "ratio": float}}`` in the order of ``aggs``, Python
     floats; ``ratio`` is inf where ``a`` is 0 and ``b`` is not, and 0.0 where both are 0.
 
   Raises:
-    ValueError: for an ``axis`` other than None or -1, an unknown aggregator, or a bad mask.
+    ValueError: for an ``axis`` other than None or the last axis, an unknown aggregator, a bad
+      mask, or a traced input (under ``jax.jit``, ``vmap`` or ``grad``: the result is Python
+      floats).
 
   Example:
     >>> for name, s in ka.separation(kl_good, kl_looping).items():
     ...   print(f"{name:>8} {s['a']:.3f} {s['b']:.3f} {s['ratio']:.1f}x")
   """
-  if axis not in (None, -1):
-    raise ValueError(f"axis must be None (token level) or -1 (per sequence); got {axis!r}.")
+  for name, value in (("kl_a", kl_a), ("kl_b", kl_b), ("where_a", where_a), ("where_b", where_b)):
+    if isinstance(value, jax.core.Tracer):
+      raise ValueError(
+          f"separation returns Python floats, so it runs outside jax.jit / vmap / grad; got a "
+          f"traced {name}. Call it on concrete arrays (e.g. after the step), or inside the "
+          "transformed function compute the values with ka.aggregate(kl, how, where=..., "
+          "axis=None) for each aggregator.")
   if isinstance(aggs, str) or callable(aggs):
     aggs = (aggs,)
   if not isinstance(aggs, Mapping):
@@ -121,6 +130,10 @@ def separation(kl_a: jax.typing.ArrayLike, kl_b: jax.typing.ArrayLike, *,
   def group(kl, where):
     kl = jnp.asarray(kl)
     mask = _checks.check_where(where, kl.shape, "kl")
+    if axis is not None and not (isinstance(axis, (int, np.integer)) and not isinstance(axis, bool)
+                                 and axis in (-1, kl.ndim - 1)):
+      raise ValueError(f"axis must be None (token level) or -1 (per sequence; {kl.ndim - 1}, the "
+                       f"last axis of kl with shape {kl.shape}, means the same); got {axis!r}.")
     if axis is None or kl.ndim == 0:
       return lambda how: _aggregate.aggregate(kl, how, where=mask, axis=None)
     seq_valid = jnp.ones(kl.shape[:-1], bool) if mask is None else mask.any(-1)
@@ -151,9 +164,10 @@ def _global_norm(tree: Any) -> jax.Array:
   if not leaves:
     return jnp.zeros((), jnp.float32)
   top = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0.0) for x in leaves]))
-  scale = jnp.where(top > 0, top, 1.0)
+  flat = _numerics.is_zero(top)  # a NaN gradient is not "no gradient": it reaches the norm
+  scale = jnp.where(flat, 1.0, top)
   total = sum(jnp.sum(jnp.square(x / scale)) for x in leaves)
-  return jnp.where(top > 0, scale * jnp.sqrt(total), 0.0)
+  return jnp.where(flat, 0.0, scale * jnp.sqrt(total))
 
 
 def grad_pressure(loss_a: Callable[..., jax.Array], loss_b: Callable[..., jax.Array],
@@ -164,7 +178,8 @@ def grad_pressure(loss_a: Callable[..., jax.Array], loss_b: Callable[..., jax.Ar
   barrier and ``loss_b`` the SFT loss (the design note's g_bar / g_nll): >> 1 the barrier fights
   the fine-tuning, ~ 1 they are balanced, 0 the barrier is inert (it has not fired). Both losses
   share one forward pass. When ||grad loss_b|| is 0 the result is inf if ||grad loss_a|| > 0,
-  else 0.0 (both inert). Works under ``jit``.
+  else 0.0 (both inert). A NaN in either gradient gives NaN (never a quiet 0: "inert").
+  Works under ``jit``.
 
   Args:
     loss_a: ``loss_a(params, *args)`` -> scalar, the numerator's loss (e.g. the barrier).

@@ -80,7 +80,11 @@ def check_where(where: Any, shape: tuple[int, ...], what: str) -> jax.Array | No
     return None
   where = jnp.asarray(where)
   if where.dtype != jnp.bool_:
-    raise ValueError(f"where must be a boolean array; got dtype {where.dtype}.")
+    # An int or float 0/1 mask is the usual slip (a tokenizer's attention_mask): say how to fix
+    # it rather than guess, since 0.5 or 2 would have no meaning as a mask.
+    raise ValueError(
+        f"where must be a boolean array; got dtype {where.dtype}. Pass a bool mask: for a 0/1 "
+        "mask (e.g. an int attention_mask) use where=mask.astype(bool), or where=mask > 0.")
   try:
     np.broadcast_shapes(where.shape, shape)
   except ValueError:

@@ -25,21 +25,44 @@ ESTIMATORS = ("k1", "k2", "k3")
 _SERIES_BELOW = 0.5
 _SERIES_TERMS = {jnp.dtype(jnp.float32): 9, jnp.dtype(jnp.float64): 14}
 
+# The static guard against full-vocabulary log-probs ([B, T, V] where [B, T] was meant): an
+# input of rank >= 3 whose last axis is at least this long is refused. Every production LM
+# vocabulary (30k to 256k entries) is longer; a per-token array laid out [..., T] with T this
+# long and a rank of 3 or more is rare, and reshaping it to 2-D (the estimators are elementwise)
+# passes the guard. Smaller vocabularies, and [T, V] at rank 2, are not caught.
+VOCAB_LIKE_AXIS = 16384
+
+
+def _check_not_full_vocabulary(name: str, x: jax.Array) -> None:
+  if x.ndim >= 3 and x.shape[-1] >= VOCAB_LIKE_AXIS:
+    raise ValueError(
+        f"{name} has shape {x.shape}: rank {x.ndim} with a last axis of {x.shape[-1]} "
+        f"(>= {VOCAB_LIKE_AXIS}) looks like full-vocabulary log-probs [B, T, V]. kl_estimate "
+        "wants the log-probs of the sampled tokens only, [B, T]: gather them first, e.g. "
+        "jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1)[..., 0], or use "
+        "ka.kl_per_position(logits, ref_logits) for the full-vocabulary KL. If the last axis "
+        "really holds positions, reshape to 2-D first (the estimators are elementwise).")
+
 
 def _k3(d: jax.Array) -> jax.Array:
-  """e^d - d - 1 = sum_{n >= 2} d^n / n!, accurate to rounding for every d (inf for d > ~88)."""
+  """e^d - d - 1 = sum_{n >= 2} d^n / n!, accurate to rounding for every d (inf for d > ~88).
+
+  d = +inf (an unclipped log ratio with a -inf log-prob) gives +inf, not inf - inf = NaN; NaN
+  stays NaN.
+  """
   small = jnp.abs(d) < _SERIES_BELOW
+  infinite = d == jnp.inf
   # Double where: each branch only ever sees inputs where it is finite, so the unselected
   # branch cannot put 0 * inf = NaN into the gradient.
   ds = jnp.where(small, d, 0.0)
-  dl = jnp.where(small, 1.0, d)
+  dl = jnp.where(small | infinite, 1.0, d)
   # Horner on d^2 (1/2! + d (1/3! + d (1/4! + ... + d / N!))).
   terms = _SERIES_TERMS[jnp.dtype(d.dtype)]
   series = jnp.full_like(ds, 1.0 / math.factorial(terms))
   for n in range(terms - 1, 1, -1):
     series = series * ds + 1.0 / math.factorial(n)
   series = series * ds * ds
-  return jnp.where(small, series, jnp.expm1(dl) - dl)
+  return jnp.where(small, series, jnp.where(infinite, jnp.inf, jnp.expm1(dl) - dl))
 
 
 def kl_estimate(logp: jax.typing.ArrayLike, ref_logp: jax.typing.ArrayLike, *,
@@ -61,8 +84,16 @@ def kl_estimate(logp: jax.typing.ArrayLike, ref_logp: jax.typing.ArrayLike, *,
   ``ref_logp`` everywhere inside the clip). Gradients flow into both arguments; stop the
   reference's yourself (``jax.lax.stop_gradient``) if it is not frozen.
 
+  Only the sampled tokens' log-probs are wanted, not a full vocabulary: an input of rank >= 3
+  whose last axis has >= 16384 entries (``VOCAB_LIKE_AXIS``, shorter than any production LM
+  vocabulary) is refused as ``[B, T, V]`` log-probs given where ``[B, T]`` was meant. Per-token
+  arrays of that rank and length pass once reshaped to 2-D. NaN at a valid position gives NaN
+  there; a NaN at a masked position gives exactly 0 and zero gradient. Log-probs above 0 (logits
+  passed by mistake) are a value problem: :func:`klagg_jax.check_logprobs` finds them, opt-in.
+
   Args:
-    logp: the student's log-probabilities of the sampled tokens, e.g. ``[B, T]``, any float dtype.
+    logp: the student's log-probabilities of the sampled tokens, e.g. ``[B, T]`` or ``[T]``,
+      any float dtype.
     ref_logp: the reference's log-probabilities of the same tokens, same shape.
     estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
     where: optional bool mask broadcastable to ``logp``'s shape: False positions give exactly 0
@@ -75,8 +106,8 @@ def kl_estimate(logp: jax.typing.ArrayLike, ref_logp: jax.typing.ArrayLike, *,
 
   Raises:
     ValueError: for an unknown ``estimator`` (listing the valid ones), a shape mismatch (naming
-      both shapes), non-float inputs, a ``where`` that does not broadcast, or a static
-      ``max_log_ratio <= 0``.
+      both shapes), non-float inputs, a vocabulary-sized last axis at rank >= 3 (see above), a
+      non-bool ``where`` or one that does not broadcast, or a static ``max_log_ratio <= 0``.
 
   Example:
     >>> kl = ka.kl_estimate(logp, jax.lax.stop_gradient(ref_logp), where=response_mask)
@@ -90,6 +121,7 @@ def kl_estimate(logp: jax.typing.ArrayLike, ref_logp: jax.typing.ArrayLike, *,
   _checks.check_float("logp", logp)
   _checks.check_float("ref_logp", ref_logp)
   _checks.check_same_shape("logp", logp, "ref_logp", ref_logp)
+  _check_not_full_vocabulary("logp", logp)
   if max_log_ratio is not None:
     _checks.check_positive_if_static("max_log_ratio", max_log_ratio)
   mask = _checks.check_where(where, logp.shape, "logp")

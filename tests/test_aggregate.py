@@ -1,5 +1,7 @@
 """Aggregators against float64 numpy, their gradients, conventions, properties and errors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -293,3 +295,113 @@ def test_power_mean_by_name_requires_its_exponent():
   with pytest.raises(ValueError, match="power_mean.*needs its exponent.*p"):
     ka.aggregate(x, "power_mean")
   np.testing.assert_allclose(ka.aggregate(x, "power_mean", p=3.0), [1.0, 1.0])
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input (issue 13): NaN surfaces, masked NaN is invisible, zero-length axes are empty.
+
+EVERY_NAME = NAMES + ("maximum",)
+# The property below skips "maximum": the same function as "max" (ka.max is ka.maximum,
+# pinned by test_aggregate_by_name_and_callable), and each name costs a compilation.
+PROPERTY_NAMES = NAMES
+
+
+def kwargs_for(how):
+  return {"p": 2.0} if how == "power_mean" else {}
+
+
+@pytest.mark.parametrize("how", EVERY_NAME)
+def test_nan_at_a_valid_position_gives_nan(how):
+  """The issue's reproducer: ka.rmse([1, nan]) and power_mean(p=2) read 0.0."""
+  x = jnp.array([[1.0, 2.0, 3.0, jnp.nan], [1.0, 2.0, 3.0, 4.0]])
+  got = ka.aggregate(x, how, **kwargs_for(how))
+  assert np.isnan(got[0]) and np.isfinite(got[1]), (how, got)
+  assert np.isnan(ka.aggregate(x, how, axis=None, **kwargs_for(how))), how
+
+
+def test_rmse_and_power_mean_of_a_nan_are_nan():
+  assert np.isnan(ka.rmse(np.float32([1.0, np.nan])))
+  assert np.isnan(ka.rmse(np.float32([1.0, np.nan]), eps=0.0))
+  assert np.isnan(ka.power_mean(np.float32([1.0, np.nan]), 2.0))
+  assert np.isnan(ka.power_mean(np.float32([0.0, np.nan]), 3.0))
+
+
+def test_quantile_reading_low_ranks_still_sees_a_nan():
+  """jnp.sort puts NaN last: a p50 of [1, 2, 3, nan] would read 2.5 from the ranks it uses."""
+  x = jnp.array([1.0, 2.0, 3.0, jnp.nan])
+  for how in ("p50", "p10", "soft_p10", "cvar10"):
+    assert np.isnan(ka.aggregate(x, how)), how
+
+
+@pytest.mark.parametrize("how", EVERY_NAME)
+def test_zero_length_axis_gives_zero_with_zero_gradient(how):
+  kw = kwargs_for(how)
+  f = lambda v: ka.aggregate(v, how, **kw)
+  value, g = jax.value_and_grad(lambda v: f(v).sum())(jnp.zeros((2, 0)))
+  np.testing.assert_array_equal(f(jnp.zeros((2, 0))), [0.0, 0.0])
+  assert value == 0.0 and g.shape == (2, 0)
+  # axis=None over an empty array, and a zero-length axis that is not the last one.
+  value, g = jax.value_and_grad(lambda v: ka.aggregate(v, how, axis=None, **kw))(jnp.zeros((0, 3)))
+  assert value == 0.0 and value.dtype == jnp.float32 and g.shape == (0, 3)
+  value, g = jax.value_and_grad(
+      lambda v: ka.aggregate(v, how, axis=0, **kw).sum())(jnp.zeros((0, 3), jnp.bfloat16))
+  np.testing.assert_array_equal(ka.aggregate(jnp.zeros((0, 3)), how, axis=0, **kw), 0.0)
+  assert value == 0.0 and g.shape == (0, 3)
+  with x64():
+    assert ka.aggregate(np.zeros((0,)), how, **kw).dtype == jnp.float64
+  # Under jit too, with a mask of the same empty shape.
+  got = jax.jit(lambda v, m: ka.aggregate(v, how, where=m, **kw))(
+      jnp.zeros((3, 0)), jnp.zeros((3, 0), bool))
+  np.testing.assert_array_equal(got, np.zeros(3))
+
+
+@functools.lru_cache(maxsize=None)
+def nan_probe():
+  """One jitted program for the NaN property: every name, dtype and axis, for a clean and a
+  dirty copy of the input at once (vmapped), so hypothesis examples never recompile."""
+
+  def one(x, mask, how, dtype, axis):
+    f = lambda v: ka.aggregate(v, how, where=mask, axis=axis, **kwargs_for(how))
+    v = x.astype(dtype)
+    value = f(v)
+    grad = jax.grad(lambda v: f(v).sum())(v)
+    return value, grad.astype(jnp.float32)
+
+  def probe(pair, mask):  # pair: [2, R, N] (clean, dirty)
+    return {(how, dtype, str(axis)): jax.vmap(lambda x: one(x, mask, how, dtype, axis))(pair)
+            for how in PROPERTY_NAMES for dtype in DTYPES for axis in (-1, None)}
+
+  return jax.jit(probe)
+
+
+nan_values = hnp.arrays(np.float32, (3, 6), elements=st.floats(0, 20, width=32))
+nan_masks = hnp.arrays(np.bool_, (3, 6))
+
+
+@settings(max_examples=200, deadline=None)
+@given(nan_values, nan_masks, st.integers(0, 2), st.integers(0, 5), st.booleans())
+def test_property_nan_valid_is_nan_and_nan_masked_is_invisible(x, mask, i, j, valid):
+  """Every aggregator name, f32 / bf16 / f16, per sequence and over all tokens: a NaN at a valid
+  position gives NaN (and leaves the other sequences alone); at a masked position it gives
+  exactly the value without it, with exactly zero gradient there."""
+  mask = mask.copy()
+  mask[i, j] = valid
+  dirty = x.copy()
+  dirty[i, j] = np.nan
+  out = jax.device_get(nan_probe()(np.stack([x, dirty]), mask))
+  for (how, dtype, axis), (value, grad) in out.items():
+    where = f"{how} {dtype} axis={axis}"
+    clean_v, dirty_v = value
+    clean_g, dirty_g = grad
+    assert np.isfinite(clean_v).all() and np.isfinite(clean_g).all(), where
+    if valid:
+      if axis == "None":
+        assert np.isnan(dirty_v), where
+      else:
+        assert np.isnan(dirty_v[i]), where
+        others = np.arange(3) != i
+        np.testing.assert_array_equal(dirty_v[others], clean_v[others], err_msg=where)
+    else:
+      np.testing.assert_array_equal(dirty_v, clean_v, err_msg=where)
+      np.testing.assert_array_equal(dirty_g, clean_g, err_msg=where)
+      assert dirty_g[i, j] == 0.0, where

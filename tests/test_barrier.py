@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 import klagg_jax as ka
+from klagg_jax import _aggregate, _barrier
 from klagg_jax import _reference as ref
 from tests.conftest import DTYPES
-from tests.helpers import random_logits
+from tests.helpers import PENDING_KERNEL_FIX, random_logits, x64
 
 AGGS = ("mean", "rmse", "max", "p95", "soft_p95", "cvar95", "smooth_max")
 
@@ -162,3 +163,108 @@ def test_bad_static_input_raises(kwargs, match):
 def test_logits_without_position_axis_raise():
   with pytest.raises(ValueError, match=r"\[\.\.\., T, V\]"):
     ka.kl_barrier(jnp.zeros(7), jnp.zeros(7))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input (issue 13).
+
+METRIC_AGGREGATES = ("div", "kl_mean", "kl_rmse", "kl_p95", "kl_max")
+
+
+# Every aggregator's own NaN handling is tested in test_aggregate.py; here the barrier's plumbing
+# (hinge, mean over sequences, metrics) around a few of them.
+@pytest.mark.parametrize("agg", ["rmse", "p95", "smooth_max", "power_mean"])
+@pytest.mark.parametrize("axis", [-1, None])
+def test_nan_divergence_at_a_valid_position_reaches_loss_and_metrics(agg, axis):
+  """The barrier's aggregation half, fed per-position values: a NaN at a valid position makes the
+  loss and every aggregate metric NaN; a NaN at a masked position changes nothing and gets zero
+  gradient."""
+  kl = jnp.array([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]])
+  mask = jnp.array([[True, True, True, False], [True, True, False, True]])
+  kw = {"p": 2.0} if agg == "power_mean" else {}
+
+  def barrier(v):
+    return _barrier._from_divergence(v, mask, _aggregate.resolve(agg), tau=0.0,
+                                     lam=1.0, axis=axis, hinge="relu", agg_kwargs=kw,
+                                     hinge_kwargs=None)
+
+  loss, m = barrier(kl.at[1, 0].set(jnp.nan))
+  assert np.isnan(loss), agg
+  for name in METRIC_AGGREGATES:
+    assert np.isnan(m[name]), (agg, name)
+  assert m["n_positions"] == 6
+  clean_loss, clean_m = barrier(kl)
+  assert np.isfinite(clean_loss)
+  (loss, m), g = jax.value_and_grad(barrier, has_aux=True)(kl.at[0, 3].set(jnp.nan))
+  assert loss == clean_loss and all(m[k] == clean_m[k] for k in m)
+  assert g[0, 3] == 0.0 and np.isfinite(g).all()
+
+
+@PENDING_KERNEL_FIX
+def test_nan_logits_at_a_valid_position_give_nan_loss_and_metrics():
+  """The issue's reproducer end to end: kl_barrier(s[None], r[None], agg="rmse", tau=0.0) was
+  0.39 with a NaN student logit; every direction and aggregate metric must say NaN."""
+  s = np.zeros((2, 4), np.float32)
+  s[1, 0] = np.nan
+  r = np.array([[0, 1, 2, 3]] * 2, np.float32)
+  for direction in ("reverse", "forward", "js"):
+    for chunk_size in (None, 1):
+      loss, m = ka.kl_barrier(s[None], r[None], agg="rmse", tau=0.0, direction=direction,
+                              chunk_size=chunk_size)
+      assert np.isnan(loss), direction
+      for name in METRIC_AGGREGATES:
+        assert np.isnan(m[name]), (direction, name)
+  mask = np.array([[True, False]])  # the NaN row masked: the clean value, zero gradient there
+  (loss, m), g = jax.value_and_grad(
+      lambda x: ka.kl_barrier(x, r[None], where=mask, tau=0.0), has_aux=True)(s[None])
+  np.testing.assert_allclose(loss, ka.kl_barrier(s[None, :1], r[None, :1], tau=0.0)[0])
+  np.testing.assert_array_equal(g[0, 1], 0.0)
+
+
+@pytest.mark.parametrize("agg", ["rmse", "cvar95", "power_mean"])
+@pytest.mark.parametrize("axis", [-1, None])
+def test_empty_position_axis_gives_zero_loss_metrics_and_gradient(agg, axis):
+  """[B, 0, V] logits raised numpy's "zero-size array to reduction operation max" (kl_max)."""
+  a = jnp.zeros((3, 0, 7))
+  kw = {"agg_kwargs": {"p": 2.0}} if agg == "power_mean" else {}
+  f = lambda x: ka.kl_barrier(x, a, agg=agg, tau=0.1, axis=axis, **kw)
+  (loss, m), g = jax.jit(jax.value_and_grad(f, has_aux=True))(a)
+  assert loss == 0.0 and loss.dtype == jnp.float32
+  assert set(m) == set(METRIC_AGGREGATES) | {"fired", "n_positions"}
+  assert all(v == 0.0 for v in m.values())
+  assert g.shape == (3, 0, 7)
+  loss, m = f(a)  # eagerly as well
+  assert loss == 0.0 and m["kl_max"] == 0.0
+
+
+def test_float64_under_x64_for_loss_and_metrics(rng):
+  """SPEC: a float32 scalar, float64 under x64 with float64 inputs; metrics follow the loss."""
+  a, b = random_logits(rng, (3, 6, 9)), random_logits(rng, (3, 6, 9))
+  mask = rng.random((3, 6)) > 0.3
+  with x64():
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    loss, m = ka.kl_barrier(a64, b64, where=mask, agg="rmse", tau=0.2, lam=2.0)
+    assert loss.dtype == jnp.float64
+    assert all(v.dtype == jnp.float64 for v in m.values()), {k: v.dtype for k, v in m.items()}
+    want_loss, want_div = reference_barrier(a64, b64, mask, ref.rmse, 0.2, 2.0)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
+    np.testing.assert_allclose(m["div"], want_div, rtol=1e-12)
+    # float32 inputs under x64 stay float32.
+    loss32, m32 = ka.kl_barrier(a, b, where=mask)
+    assert loss32.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in m32.values())
+    # An empty position axis keeps the dtype too.
+    assert ka.kl_barrier(np.zeros((2, 0, 5)), np.zeros((2, 0, 5)))[0].dtype == jnp.float64
+
+
+def test_positive_position_axis_means_per_sequence(rng):
+  """axis=1 on [B, T, V] logits names the position axis: the same as axis=-1."""
+  a, b = random_logits(rng, (3, 6, 9)), random_logits(rng, (3, 6, 9))
+  want = ka.kl_barrier(a, b, agg="p95", tau=0.1, axis=-1)
+  got = ka.kl_barrier(a, b, agg="p95", tau=0.1, axis=1)
+  np.testing.assert_array_equal(got[0], want[0])
+  a4, b4 = a.reshape(3, 1, 6, 9), b.reshape(3, 1, 6, 9)
+  np.testing.assert_array_equal(ka.kl_barrier(a4, b4, agg="p95", tau=0.1, axis=2)[0], want[0])
+  for bad in (0, 2, -2, True, 1.0):
+    with pytest.raises(ValueError, match=r"axis must be -1 \(per sequence; 1, the position axis "
+                                         r"of logits with shape \(3, 6, 9\)"):
+      ka.kl_barrier(a, b, axis=bad)

@@ -152,7 +152,7 @@ def test_separation_zero_denominator_convention():
 
 def test_separation_bad_input_raises():
   with pytest.raises(ValueError, match="axis must be None"):
-    ka.separation(np.ones(3), np.ones(3), axis=0)
+    ka.separation(np.ones((2, 3)), np.ones((2, 3)), axis=0)
   with pytest.raises(ValueError, match="Unknown aggregator"):
     ka.separation(np.ones(3), np.ones(3), aggs=("median",))
 
@@ -239,3 +239,37 @@ def test_grad_pressure_ignores_integer_leaves():
 def test_grad_pressure_needs_scalar_losses():
   with pytest.raises(ValueError, match=r"loss_b must return a scalar; got shape \(3,\)"):
     ka.grad_pressure(lambda p: p.sum(), lambda p: p * 2, jnp.ones(3))
+
+
+def test_separation_under_jit_raises_a_clear_error():
+  """It returns Python floats: under jit it raised a raw ConcretizationTypeError."""
+  kl = jnp.ones((2, 3))
+  for transform in (jax.jit, jax.vmap):
+    with pytest.raises(ValueError, match=r"separation returns Python floats.*traced kl_a"
+                                         r".*ka\.aggregate"):
+      transform(lambda a, b: ka.separation(a, b))(kl, kl)
+  with pytest.raises(ValueError, match="traced where_b"):
+    jax.jit(lambda m: ka.separation(kl, kl, where_b=m))(jnp.ones((2, 3), bool))
+
+
+def test_separation_positive_last_axis_means_per_sequence(rng):
+  kl_a, kl_b = rng.random((3, 8)), rng.random((4, 8)) * 3
+  np.testing.assert_equal(ka.separation(kl_a, kl_b, axis=1), ka.separation(kl_a, kl_b, axis=-1))
+  with pytest.raises(ValueError, match=r"axis must be None.*1, the last axis of kl"):
+    ka.separation(kl_a, kl_b, axis=0)
+
+
+def test_grad_pressure_of_a_nan_gradient_is_nan_not_inert():
+  """The norm's scale test was ``top > 0``, which NaN fails: a NaN gradient read as 0 (inert)."""
+  params = {"w": jnp.ones(3)}
+  nan_loss = lambda p: jnp.sum(p["w"] * jnp.array([1.0, jnp.nan, 2.0]))
+  fine = lambda p: jnp.sum(p["w"] ** 2)
+  assert np.isnan(ka.grad_pressure(nan_loss, fine, params))
+  assert np.isnan(ka.grad_pressure(fine, nan_loss, params))
+
+
+def test_separation_ratio_of_a_nan_is_nan():
+  """x / 0 = inf tested ``x > 0``: a NaN aggregate over a zero one gave a ratio of 0."""
+  got = ka.separation(np.zeros(4), np.array([1.0, np.nan, 0.0, 2.0]), aggs=("mean", "rmse", "p95"))
+  for row in got.values():
+    assert np.isnan(row["b"]) and np.isnan(row["ratio"]), got

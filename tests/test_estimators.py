@@ -1,12 +1,19 @@
 """kl_estimate: k1/k2/k3 against float64 numpy, Monte Carlo means, clipping, masks, errors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from jax.test_util import check_grads
 
 import klagg_jax as ka
+from klagg_jax._estimators import VOCAB_LIKE_AXIS
+from tests.conftest import DTYPES
 from tests.helpers import to_f64, x64
 
 ESTIMATORS = ("k1", "k2", "k3")
@@ -201,3 +208,101 @@ def test_shape_mismatch_names_both_shapes():
     ka.kl_estimate(jnp.zeros((2, 4)), jnp.zeros((2, 5)))
   with pytest.raises(ValueError, match="floating"):
     ka.kl_estimate(jnp.zeros((2, 4), jnp.int32), jnp.zeros((2, 4)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input (issue 13).
+
+
+@functools.lru_cache(maxsize=None)
+def nan_probe():
+  """One jitted program for the NaN property: every estimator, dtype and clip, for a clean and a
+  dirty copy of the inputs at once (vmapped), so hypothesis examples never recompile."""
+
+  def one(a, b, mask, estimator, dtype, clip):
+    f = lambda a, b: ka.kl_estimate(a, b, estimator=estimator, where=mask, max_log_ratio=clip)
+    a, b = a.astype(dtype), b.astype(dtype)
+    value = f(a, b)
+    ga, gb = jax.grad(lambda a, b: f(a, b).sum(), (0, 1))(a, b)
+    return value, ga.astype(jnp.float32), gb.astype(jnp.float32)
+
+  def probe(a, b, mask):  # a, b: [2, R, N] (clean, dirty)
+    return {(est, dtype, str(clip)): jax.vmap(lambda a, b: one(a, b, mask, est, dtype, clip))(a, b)
+            for est in ESTIMATORS for dtype in DTYPES for clip in (20.0, None)}
+
+  return jax.jit(probe)
+
+
+# Log ratios up to 8 nats: k3's gradient e^d - 1 then fits in float16 (e^12 would not).
+logprob_values = hnp.arrays(np.float32, (3, 6), elements=st.floats(-8, 0, width=32))
+
+
+@settings(max_examples=200, deadline=None)
+@given(logprob_values, logprob_values, hnp.arrays(np.bool_, (3, 6)), st.integers(0, 2),
+       st.integers(0, 5), st.booleans(), st.sampled_from(["logp", "ref_logp", "both"]))
+def test_property_nan_valid_is_nan_and_nan_masked_is_invisible(logp, ref_logp, mask, i, j, valid,
+                                                               which):
+  """k1 / k2 / k3, f32 / bf16 / f16, clipped or not: a NaN log-prob at a valid position gives NaN
+  there and leaves every other position alone; at a masked position the output is exactly the
+  clean one (0 there) with exactly zero gradient into both arguments."""
+  mask = mask.copy()
+  mask[i, j] = valid
+  dirty_a, dirty_b = logp.copy(), ref_logp.copy()
+  if which in ("logp", "both"):
+    dirty_a[i, j] = np.nan
+  if which in ("ref_logp", "both"):
+    dirty_b[i, j] = np.nan
+  out = jax.device_get(nan_probe()(np.stack([logp, dirty_a]), np.stack([ref_logp, dirty_b]), mask))
+  others = np.ones((3, 6), bool)
+  others[i, j] = False
+  for key, (value, ga, gb) in out.items():
+    where = f"{key} NaN in {which}"
+    assert np.isfinite(value[0]).all() and np.isfinite(ga[0]).all() and np.isfinite(gb[0]).all()
+    np.testing.assert_array_equal(value[1][others], value[0][others], err_msg=where)
+    if valid:
+      assert np.isnan(value[1][i, j]), where
+    else:
+      assert value[1][i, j] == 0.0, where
+      for g in (ga, gb):
+        np.testing.assert_array_equal(g[1], g[0], err_msg=where)
+        assert g[1][i, j] == 0.0, where
+
+
+def test_full_vocabulary_logprobs_are_refused():
+  """[B, T, V] log-probs where [B, T] was meant (the issue's misuse) raise, saying what to do."""
+  lp = jnp.zeros((2, 3, 32000))
+  with pytest.raises(ValueError, match=r"\(2, 3, 32000\).*full-vocabulary.*take_along_axis"):
+    ka.kl_estimate(lp, lp)
+  with pytest.raises(ValueError, match="reshape to 2-D"):
+    jax.jit(ka.kl_estimate)(lp, lp)
+  edge = jnp.zeros((1, 1, VOCAB_LIKE_AXIS))
+  with pytest.raises(ValueError, match="full-vocabulary"):
+    ka.kl_estimate(edge, edge)
+
+
+@pytest.mark.parametrize("shape", [(7,), (4, 40000), (2, 3, 5), (2, 3, VOCAB_LIKE_AXIS - 1),
+                                   (2, 2, 2, 7)])
+def test_per_token_inputs_of_any_rank_pass_the_vocabulary_guard(shape):
+  """[T], a long [B, T], and rank >= 3 with a short last axis are legitimate per-token layouts."""
+  lp = jnp.full(shape, -1.0)
+  assert ka.kl_estimate(lp, lp).shape == shape
+  # A rank-3 layout with a long position axis passes once reshaped, as the error says.
+  long = jnp.full((2, 2, 20000), -1.0)
+  assert ka.kl_estimate(long.reshape(4, 20000), long.reshape(4, 20000)).shape == (4, 20000)
+
+
+@pytest.mark.parametrize("mask_dtype", [jnp.int32, jnp.float32, jnp.uint8])
+def test_non_bool_mask_error_suggests_astype_bool(mask_dtype):
+  with pytest.raises(ValueError, match=r"where must be a boolean array.*\.astype\(bool\)"):
+    ka.kl_estimate(jnp.zeros((2, 4)), jnp.zeros((2, 4)), where=jnp.ones((2, 4), mask_dtype))
+
+
+def test_k3_of_an_infinite_log_ratio_is_inf_not_nan():
+  """Unclipped, a -inf student log-prob gives d = +inf: e^d - d - 1 was inf - inf = NaN."""
+  logp = jnp.array([-jnp.inf, -1.0, -1.0], jnp.float32)
+  ref_logp = jnp.array([-1.0, -jnp.inf, -1.0], jnp.float32)
+  got = ka.kl_estimate(logp, ref_logp, max_log_ratio=None)
+  np.testing.assert_array_equal(got, [np.inf, np.inf, 0.0])
+  g = jax.grad(lambda a: ka.kl_estimate(a, ref_logp, max_log_ratio=None)[2])(logp)
+  np.testing.assert_array_equal(g, 0.0)  # the other positions' gradients stay clean
+  assert np.isnan(ka.kl_estimate(jnp.float32(jnp.nan), jnp.float32(-1.0), max_log_ratio=None))
