@@ -2,9 +2,7 @@
 
 Each cell of the table is registered here with its exact README text and a check of the
 behaviour it states; ``test_readme_table_is_the_tested_table`` keeps the README and this file
-equal, and ``test_cell`` runs every check. Cells marked ``pending`` wait for the kernel half of
-issue 13 (NaN through the divergence kernels): strict xfail, so they fail loudly once it lands
-and the mark must go. Extend this file when a function joins the table.
+equal, and ``test_cell`` runs every check. Extend this file when a function joins the table.
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ import pytest
 
 import klagg_jax as ka
 from klagg_jax import _reference as ref
-from tests.helpers import PENDING_KERNEL_FIX
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## What you get on bad input"
@@ -32,12 +29,12 @@ AGG_NAMES = ("mean", "rmse", "max", "p95", "soft_p95", "cvar95", "smooth_max", "
 CELLS: dict[tuple[str, str], tuple[str, Callable[[], None] | None, bool]] = {}
 
 
-def cell(row: str, column: str, text: str, pending: bool = False):
+def cell(row: str, column: str, text: str):
   """Registers the check of one README cell (its row label, column header and exact text)."""
   assert column in COLUMNS, column
 
   def register(fn):
-    CELLS[(row, column)] = (text, fn, pending)
+    CELLS[(row, column)] = (text, fn)
     return fn
 
   return register
@@ -45,7 +42,7 @@ def cell(row: str, column: str, text: str, pending: bool = False):
 
 def not_applicable(row: str, *columns: str) -> None:
   for column in columns:
-    CELLS[(row, column)] = (NOT_APPLICABLE, None, False)
+    CELLS[(row, column)] = (NOT_APPLICABLE, None)
 
 
 def readme_table() -> dict[tuple[str, str], str]:
@@ -113,7 +110,7 @@ ROW = "NaN at a valid position"
 
 
 @cell(ROW, "`kl_per_position`", "NaN (every direction, chunked or not, static or traced "
-      "temperature)", pending=True)
+      "temperature)")
 def kl_per_position_nan_at_a_valid_position_is_nan():
   a, b = logits_pair()
   nan_a, nan_b = a.copy(), b.copy()
@@ -128,7 +125,7 @@ def kl_per_position_nan_at_a_valid_position_is_nan():
       assert_nan_only_at(traced(bad_a, bad_b, 1.5), 1, 2)
 
 
-@cell(ROW, "`fused_linear_kl`", "NaN", pending=True)
+@cell(ROW, "`fused_linear_kl`", "NaN")
 def fused_nan_at_a_valid_position_is_nan():
   h, w, rh, rw = head()
   h = h.copy()
@@ -138,7 +135,7 @@ def fused_nan_at_a_valid_position_is_nan():
     assert_nan_only_at(ka.fused_linear_kl(rh, rw, h, w, direction=direction), 1, 2)
 
 
-@cell(ROW, "`kl_topk`", "NaN", pending=True)
+@cell(ROW, "`kl_topk`", "NaN")
 def topk_nan_at_a_valid_position_is_nan():
   a, b = logits_pair()
   lp, idx, tail = ka.topk_logprobs(b, K)
@@ -161,7 +158,7 @@ def aggregators_nan_at_a_valid_position_is_nan():
     assert np.isnan(ka.aggregate(x, how, axis=None, **kw)), how
 
 
-@cell(ROW, "`kl_barrier`", "NaN loss and metrics", pending=True)
+@cell(ROW, "`kl_barrier`", "NaN loss and metrics")
 def barrier_nan_at_a_valid_position_is_nan():
   a, b = logits_pair()
   a[1, 2, 0] = np.nan
@@ -603,12 +600,11 @@ def estimate_bad_static_input():
 
 
 def test_readme_table_is_the_tested_table():
-  assert readme_table() == {key: text for key, (text, _, _) in CELLS.items()}
+  assert readme_table() == {key: text for key, (text, _) in CELLS.items()}
 
 
 @pytest.mark.parametrize("key", [
-    pytest.param(key, id=f"{key[0]} / {key[1].strip('`')}",
-                 marks=[PENDING_KERNEL_FIX] if pending else [])
-    for key, (_, check, pending) in CELLS.items() if check is not None])
+    pytest.param(key, id=f"{key[0]} / {key[1].strip('`')}")
+    for key, (_, check) in CELLS.items() if check is not None])
 def test_cell(key):
   CELLS[key][1]()

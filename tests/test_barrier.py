@@ -9,7 +9,7 @@ import klagg_jax as ka
 from klagg_jax import _aggregate, _barrier
 from klagg_jax import _reference as ref
 from tests.conftest import DTYPES
-from tests.helpers import PENDING_KERNEL_FIX, random_logits, x64
+from tests.helpers import random_logits, x64
 
 AGGS = ("mean", "rmse", "max", "p95", "soft_p95", "cvar95", "smooth_max")
 
@@ -200,7 +200,6 @@ def test_nan_divergence_at_a_valid_position_reaches_loss_and_metrics(agg, axis):
   assert g[0, 3] == 0.0 and np.isfinite(g).all()
 
 
-@PENDING_KERNEL_FIX
 def test_nan_logits_at_a_valid_position_give_nan_loss_and_metrics():
   """The issue's reproducer end to end: kl_barrier(s[None], r[None], agg="rmse", tau=0.0) was
   0.39 with a NaN student logit; every direction and aggregate metric must say NaN."""
