@@ -295,6 +295,10 @@ def rows_fused(case: Case, dev: dict[str, jax.Array]) -> list[H.Impl]:
     f = ka("fused_linear_kl")
     return grad(lambda h, w, rh, rw: jnp.mean(f(h, w, rh, rw))), args
 
+  def fused_mean():  # the scalar path: the gradient formed in the forward pass (4 matmuls)
+    f = ka_with("fused_linear_kl", {"reduction": "mean"})
+    return grad(lambda h, w, rh, rw: f(h, w, rh, rw, reduction="mean")), args
+
   def materialized(kl_fn):
     loss = lambda h, w, rh, rw: jnp.mean(kl_fn(h @ w, jax.lax.stop_gradient(rh @ rw)))  # noqa: E731
     return grad(loss), args
@@ -307,6 +311,7 @@ def rows_fused(case: Case, dev: dict[str, jax.Array]) -> list[H.Impl]:
   rows = [
       _row(MATMUL_FLOOR, "floor", lambda: (peers.matmul_floor, args)),
       _row("klagg fused_linear_kl", "klagg", fused, "fused"),
+      _row("klagg fused_linear_kl reduction='mean'", "klagg", fused_mean, "fused"),
       _row("klagg (materialized)", "klagg", lambda: materialized(ka("kl_per_position")), "fused"),
       _row("jax.numpy (materialized)", "jax", lambda: materialized(peers.jnp_kl), "fused"),
       *_torch_peers(case, dev, 6, "fused"),
