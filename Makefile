@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-PIP_INSTALL := $(PIP) install --quiet --disable-pip-version-check
+# Errors only (-qq): at -q pip still prints a warning line per package for every index location
+# it skips, screens of them on some machines' configurations.
+PIP_INSTALL := $(PIP) install -qq --disable-pip-version-check
 
 .PHONY: demo examples test dist dist-check bench bench-quick experiment experiment-quick clean
 
