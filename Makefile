@@ -47,7 +47,7 @@ test: $(VENV)/.installed-dev
 # sdist and wheel into dist/ (python -m build, in an isolated build environment).
 dist: $(VENV)/.installed-build
 	rm -rf dist
-	$(PY) -m build --outdir dist .
+	$(PY) -m build --quiet --outdir dist .
 
 # The artifacts' contents, then the wheel installed into a fresh venv outside the tree and run.
 dist-check: dist
