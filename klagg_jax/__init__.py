@@ -25,8 +25,7 @@ from klagg_jax._sharding import Partition as Partition
 from klagg_jax._topk import fused_linear_kl_topk as fused_linear_kl_topk
 from klagg_jax._topk import kl_topk as kl_topk
 from klagg_jax._topk import topk_logprobs as topk_logprobs
-
-__version__ = "0.1.0"
+from klagg_jax._version import __version__ as __version__
 
 __all__ = [
     "Partition",

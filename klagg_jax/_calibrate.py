@@ -37,9 +37,10 @@ def calibrate_tau(kl_pos: jax.typing.ArrayLike, *, agg: str | _aggregate.Aggrega
   distinct: within 1/n of ``fire_rate`` (5 of 100 at the default 0.05).
 
   tau's scale is the aggregator's: rmse, p95 and max of the same KL differ by multiples (the
-  design note's coherent trait has mean 0.018 and max 0.095), so recalibrate whenever ``agg``
-  changes. Measure the KL on sequences the barrier should leave alone: e.g. the completions of
-  a checkpoint you accept as coherent, scored against the reference the barrier will use.
+  coherent trait of ``python -m klagg_jax.diag`` has mean 0.018 and max 0.095), so recalibrate
+  whenever ``agg`` changes. Measure the KL on sequences the barrier should leave alone: e.g. the
+  completions of a checkpoint you accept as coherent, scored against the reference the barrier
+  will use.
 
   Args:
     kl_pos: per-position KL of known-good sequences, ``[B, T]`` (or ``[..., T]``), e.g. from
@@ -81,9 +82,10 @@ def separation(kl_a: jax.typing.ArrayLike, kl_b: jax.typing.ArrayLike, *,
 
   ratio = agg(kl_b) / agg(kl_a): with ``a`` a coherent (acceptable) group and ``b`` an
   incoherent one, the aggregator with the largest ratio separates them best, and a tau between
-  the two values fires on ``b`` only. ``separation(trait_kl, loop_kl)`` on the design note's
-  synthetic students gives 20.6 (mean), 57.7 (rmse), 77.0 (p95) and 85.4 (max): the table of
-  ``python -m klagg_jax.diag``, on your own data.
+  the two values fires on ``b`` only. ``separation(trait_kl, loop_kl)`` on the synthetic
+  students of :mod:`klagg_jax.diag` (a coherent trait, and a 4-token loop in 60 positions) gives
+  20.6 (mean), 57.7 (rmse), 77.0 (p95) and 85.4 (max): the table of ``python -m klagg_jax.diag``,
+  on your own data.
 
   A host-side diagnostic: it returns Python floats, so call it outside ``jit`` (inside, use
   :func:`klagg_jax.aggregate` directly).
@@ -97,9 +99,10 @@ def separation(kl_a: jax.typing.ArrayLike, kl_b: jax.typing.ArrayLike, *,
     where_a: optional bool mask broadcastable to ``kl_a``.
     where_b: optional bool mask broadcastable to ``kl_b``.
     axis: ``None`` (default): one aggregate over every valid position of a group (token level,
-      the design note's table). ``-1`` (or the positive index of a group's last axis, e.g. 1 for
-      ``[B, T]``): per-sequence aggregates, averaged over the group's sequences that have a valid
-      position: the ``div`` that :func:`klagg_jax.kl_barrier` logs.
+      as in the table of ``python -m klagg_jax.diag``). ``-1`` (or the positive index of a
+      group's last axis, e.g. 1 for ``[B, T]``): per-sequence aggregates, averaged over the
+      group's sequences that have a valid position: the ``div`` that
+      :func:`klagg_jax.kl_barrier` logs.
 
   Returns:
     ``{label: {"a": float, "b": float, "ratio": float}}`` in the order of ``aggs``, Python
@@ -175,8 +178,8 @@ def grad_pressure(loss_a: Callable[..., jax.Array], loss_b: Callable[..., jax.Ar
   """Ratio of gradient norms ||grad loss_a|| / ||grad loss_b|| with respect to a params pytree.
 
   ||g|| is the global L2 norm over every leaf (as ``optax.global_norm``). With ``loss_a`` the
-  barrier and ``loss_b`` the SFT loss (the design note's g_bar / g_nll): >> 1 the barrier fights
-  the fine-tuning, ~ 1 they are balanced, 0 the barrier is inert (it has not fired). Both losses
+  barrier and ``loss_b`` the SFT loss (g_bar / g_nll): >> 1 the barrier fights the fine-tuning,
+  ~ 1 they are balanced, 0 the barrier is inert (it has not fired). Both losses
   share one forward pass. When ||grad loss_b|| is 0 the result is inf if ||grad loss_a|| > 0,
   else 0.0 (both inert). A NaN in either gradient gives NaN (never a quiet 0: "inert").
   Works under ``jit``.

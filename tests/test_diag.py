@@ -1,4 +1,4 @@
-"""The design note's table, reproduced by python -m klagg_jax.diag."""
+"""The synthetic study's table (a 4-token loop in 60 positions): python -m klagg_jax.diag."""
 
 import subprocess
 import sys
