@@ -41,8 +41,10 @@ examples: $(VENV)/.installed-examples
 	$(PY) examples/fused_heal.py
 	$(PY) examples/distill_topk.py
 
+# One pytest worker per core (pytest-xdist): the suite is compile-bound and XLA compiles on one
+# thread, so 2 cores halve its wall time.
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 # sdist and wheel into dist/ (python -m build, in an isolated build environment).
 dist: $(VENV)/.installed-build
