@@ -1,26 +1,26 @@
-"""Multi-device execution: each device runs the chunked kernels on its own block of the inputs.
+"""Multi-device execution: GSPMD by default, ``shard_map`` where the layout is named or typed.
 
 Logits sharded over a device mesh come in two ways, often at once: over the batch (data
 parallelism: each device holds some positions, all of the vocabulary) and over the vocabulary (a
-tensor-parallel LM head: each device holds a slice of every row). The kernels here take their
-row chunks with ``dynamic_slice`` along the flattened position axis inside a ``fori_loop``, and
-GSPMD's auto-partitioning cannot slice a sharded axis at a traced offset: it all-gathers the
-whole ``[N, V]`` operand first. So the kernels are partitioned explicitly, with ``shard_map``:
+tensor-parallel LM head: each device holds a slice of every row). Three paths:
 
-* positions split over mesh axes need nothing: every position is independent, each device runs
-  the unchanged kernel on its local rows and returns its slice of the per-position result;
-* a vocabulary split over mesh axes is handled by the kernels' ``vocab_axis``: the per-row
-  softmax statistics (max, sums) are ``pmax``/``psum``-ed over it, so only ``[rows]``-sized
-  collectives ever cross devices, never logits;
-* gradients come out sharded like their inputs. An input replicated over an axis its gradient is
-  partial over (hidden states over the vocabulary axis, an LM-head weight over the batch axis)
-  is cast to vary over that axis on entry; the transpose of that cast is the ``psum`` that sums
-  the partial gradients.
+* **GSPMD** (a classic ``Mesh`` with ``Auto`` axes under ``jit``, nothing named): the kernels run
+  as one program and XLA partitions it. They are written for that: their row blocks interleave
+  the positions (``klagg_jax._chunked``), so no step slices a sharded axis at a traced offset (which
+  GSPMD could only serve by gathering the whole ``[N, V]`` operand); reductions over a sharded
+  vocabulary become all-reduces of ``[rows]`` statistics; per-row gathers and scatters of the
+  top-k functions are vmapped so the row axis is a batch dimension GSPMD keeps sharded.
+* **``shard_map``**, when the layout is part of the inputs' types (``Explicit`` mesh axes) or
+  named by :class:`Partition`: each device runs the kernel on its own blocks. Positions split over
+  mesh axes need nothing; a vocabulary split is handled by the kernels' ``vocab_axis`` (the
+  per-row statistics ``pmax``/``psum``-ed over it). An input replicated over an axis its gradient
+  is partial over (hidden states over the vocabulary axis, an LM-head weight over the batch
+  axis) is cast to vary over that axis on entry; the transpose of that cast is the ``psum`` that
+  sums the partial gradients.
+* **Inside a user's ``shard_map``** already manual over the named axes: the kernel runs on the
+  local blocks as they are.
 
-The layout is read from the inputs when JAX exposes it at trace time (arrays on a mesh with
-``Explicit`` axis types, ``jax.typeof(x).sharding``; or concrete sharded arrays outside ``jit``),
-or given by :class:`Partition`. This module knows nothing of divergences: the kernels pass
-themselves in.
+This module knows nothing of divergences: the kernels pass themselves in.
 """
 
 from __future__ import annotations
@@ -67,21 +67,21 @@ def _normalize_axis_arg(field: str, value: Any) -> AxisNames:
 class Partition:
   """How the inputs of a divergence are split over a device mesh.
 
-  Pass it as ``partition=`` to :func:`kl_per_position`, :func:`kl_barrier` or
-  :func:`fused_linear_kl` to run the kernel on each device's block of the inputs (with
-  ``shard_map``) instead of letting GSPMD partition the chunk loop, which gathers a
-  batch-sharded position axis. ``batch_axis`` splits the first (batch) axis of ``logits`` /
+  Pass it as ``partition=`` to any kernel (:func:`kl_per_position`, :func:`kl_barrier`,
+  :func:`fused_linear_kl`, :func:`topk_logprobs`, :func:`kl_topk`, :func:`fused_linear_kl_topk`)
+  to run it on each device's block of the inputs with ``shard_map``, an explicit override of
+  GSPMD's partitioning (which needs no help: the kernels gather nothing under it either).
+  ``batch_axis`` splits the first (batch) axis of ``logits`` /
   ``hidden``; ``vocab_axis`` splits the vocabulary (the last axis of the logits; the ``V`` axis of
   an LM-head weight), whose per-row softmax statistics are then ``pmax``/``psum``-ed: the only
   cross-device traffic is ``[positions]``-sized. Inputs laid out differently are resharded to
   this layout first. Per-position results come back sharded over ``batch_axis``; gradients
   sharded like their inputs.
 
-  Without ``partition=`` the layout is read from the inputs where JAX knows it while tracing: on
-  a mesh with ``Explicit`` axes (``jax.make_mesh``'s default in JAX 0.10) or for concrete
-  sharded arrays outside ``jit``. On ``Auto`` axes (classic GSPMD under ``jit``) only this
-  argument tells the library the layout. Inside a ``shard_map`` already manual over these
-  axes, the kernel runs on the local blocks as they are, reducing over ``vocab_axis``.
+  Without ``partition=`` the layout is read from the inputs' types on a mesh with ``Explicit``
+  axes (``jax.make_mesh``'s default in JAX 0.10), and left to GSPMD on ``Auto`` axes. Inside a
+  ``shard_map`` already manual over these axes, the kernel runs on the local blocks as they are,
+  reducing over ``vocab_axis``.
 
   Args:
     mesh: a ``jax.sharding.Mesh`` (or ``AbstractMesh``); None takes the mesh set with
@@ -193,29 +193,22 @@ def match_varying(x: jax.Array, like: Any) -> jax.Array:
 
 
 def _known_sharding(x: Any) -> tuple[Any, tuple[AxisNames, ...]] | None:
-  """(mesh, spec entries padded to x.ndim) when x's layout is known while tracing, else None.
+  """(mesh, spec entries padded to x.ndim) when x's layout is part of its type, else None.
 
-  Known: an aval sharded over ``Explicit`` mesh axes (under ``jit`` or not), or a concrete
-  array outside ``jit`` with a ``NamedSharding`` (any axis type).
+  Known: an array or aval sharded over ``Explicit`` mesh axes (under ``jit`` or not). Arrays on
+  ``Auto`` axes are left to GSPMD, which partitions the kernels without gathering, whether they
+  are ``jit`` arguments, closed-over constants or eager inputs: the same program either way.
   """
   if x is None:
     return None
-  found = None
-  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-    sharding = getattr(x, "sharding", None)  # concrete: its mesh has devices
-    if isinstance(sharding, NamedSharding) and any(e is not None for e in sharding.spec):
-      found = sharding.mesh, tuple(sharding.spec)
-  else:
-    sharding = getattr(_aval(x), "sharding", None)
-    if isinstance(sharding, NamedSharding):
-      explicit = _axes_of_type(sharding.mesh, "Explicit")
-      entries = tuple(sharding.spec)
-      if any(a in explicit for e in entries for a in _names(e)):
-        found = sharding.mesh, entries
-  if found is None:
+  sharding = getattr(_aval(x), "sharding", None)
+  if not isinstance(sharding, NamedSharding):
     return None
-  mesh, entries = found
-  return mesh, entries + (None,) * (x.ndim - len(entries))
+  explicit = _axes_of_type(sharding.mesh, "Explicit")
+  entries = tuple(sharding.spec)
+  if not any(a in explicit for e in entries for a in _names(e)):
+    return None
+  return sharding.mesh, entries + (None,) * (x.ndim - len(entries))
 
 
 def _axes_of_type(mesh: Any, kind: str) -> frozenset[str]:

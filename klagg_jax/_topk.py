@@ -417,6 +417,12 @@ def topk_logprobs(ref_logits: jax.typing.ArrayLike, k: int, *,
     ref_logits: teacher logits ``[..., V]``, any float dtype.
     k: entries kept per position, a Python int in [1, V].
     temperature: T > 0 dividing the logits (store at the temperature you distill at).
+    chunk_size: at most this many positions per block; ``None`` lets the library choose.
+    partition: a :class:`klagg_jax.Partition` (batch and vocabulary mesh axes) to run each
+      device's blocks in a ``shard_map``; a split vocabulary merges the devices' top-k
+      candidates (k per row and device), never the logits. Not needed under GSPMD or on
+      ``Explicit`` axes (see :func:`kl_per_position`).
+    implementation: ``None`` / ``"chunked"`` (blocks of rows) or ``"xla"`` (one block).
 
   Returns:
     ``(logprobs [..., k] float32, indices [..., k] int32, tail [...] float32)`` (float64 values
@@ -511,13 +517,18 @@ def kl_topk(logits: jax.typing.ArrayLike, ref_logprobs: jax.typing.ArrayLike,
     ref_logprobs: the teacher's stored log-probs ``[..., k]``, 1 <= k <= V, any float dtype.
     ref_indices: their vocabulary indices ``[..., k]``, integers in [0, V), distinct per position
       (checked when known at trace time; out-of-range traced values are clipped).
-    ref_tail: optional log of the teacher's mass outside the stored entries ``[...]``.
+    ref_tail: optional log of the teacher's mass outside the stored entries ``[...]`` (may be
+      passed positionally: ``kl_topk(logits, *topk_logprobs(teacher_logits, k))``).
     direction: ``"forward"``, ``"reverse"`` or ``"js"``.
     where: optional bool ``[...]``: False positions give exactly 0 and a zero gradient, even
       where their logits, log-probs, indices or tails are garbage (NaN, inf, out of range).
     temperature: T > 0 dividing the student's logits; may be traced (then differentiable).
     beta: weight of the teacher in ``"js"``, a static number in [0, 1].
-    chunk_size: positions per chunk; ``None`` lets the library choose (memory-bounded).
+    chunk_size: at most this many positions per block; ``None`` lets the library choose.
+    partition: a :class:`klagg_jax.Partition` for a ``shard_map`` over batch and vocabulary
+      (the teacher's arrays follow the batch); not needed under GSPMD or on ``Explicit`` axes.
+    implementation: ``None`` / ``"chunked"`` (custom VJP) or ``"xla"`` (the plain composition,
+      differentiated by JAX: supports forward-mode AD).
 
   Returns:
     float32 array of shape ``logits.shape[:-1]`` (float64 for float64 inputs with x64 on).
@@ -638,10 +649,17 @@ def fused_linear_kl_topk(hidden: jax.typing.ArrayLike, weight: jax.typing.ArrayL
     where: optional bool ``[...]`` of positions to keep (masked: exactly 0, zero gradient).
     temperature: static T > 0 dividing the student's logits.
     beta: weight of the teacher in ``"js"``, static in [0, 1].
-    chunk_size: rows per chunk; ``None`` lets the library choose.
+    chunk_size: at most this many rows per block; ``None`` lets the library choose.
+    reduction: ``None`` (per position, 6 matmuls), ``"mean"`` (over valid positions) or
+      ``"sum"``: a scalar whose gradient is formed in the forward pass (4 matmuls).
+    accum_dtype: dtype of the ``d weight`` / ``d bias`` accumulators (float32 by default).
+    precision: a ``jax.lax.Precision`` or its name for every matmul; None follows JAX's default.
+    partition: a :class:`klagg_jax.Partition` (``vocab_axis`` splits the weight's V axis) for a
+      ``shard_map``; not needed under GSPMD or on ``Explicit`` axes.
+    implementation: ``None`` / ``"chunked"``, or ``"xla"`` (materializes the logits).
 
   Returns:
-    float32 array of shape ``hidden.shape[:-1]``.
+    float32 array of shape ``hidden.shape[:-1]``, or a scalar for a ``reduction``.
 
   Raises:
     ValueError: for mismatched shapes (naming them), k outside [1, V], non-integer or (where

@@ -282,6 +282,21 @@ else:
 
     assert total(8) <= 0.2 * total(1), (workload, layout, total(8), total(1))
 
+  def test_the_same_program_whether_the_reference_is_an_argument_or_a_constant():
+    """On Auto axes nothing is detected from concrete arrays: a sharded reference closed over by
+    the jitted function compiles like one passed in (GSPMD, no shard_map, nothing gathered)."""
+    host = host_inputs(9)
+    a, b = (put(x, CLASSIC, "data", None, "model") for x in host[:2])
+    as_arg = jax.jit(lambda a, b: ka.kl_barrier(a, b)[0])
+    closed = jax.jit(lambda a: ka.kl_barrier(a, b)[0])
+    for fn, args in ((as_arg, (a, b)), (closed, (a,))):
+      assert "shard_map" not in str(jax.make_jaxpr(fn)(*args))
+      assert moved_elements(fn.lower(*args).compile().as_text()) == []
+    np.testing.assert_allclose(closed(a), as_arg(a, b), rtol=1e-6)
+    eager = ka.kl_per_position(a, b)  # outside jit too
+    assert "shard_map" not in str(jax.make_jaxpr(lambda: ka.kl_per_position(a, b))())
+    assert eager.sharding.is_equivalent_to(NamedSharding(CLASSIC, P("data", None)), 2)
+
   def test_a_chunk_that_does_not_divide_the_rows_per_device():
     # 64 positions, 32 per device: blocks of at most 5 rows take 4-row blocks (no gather),
     # and blocks of at most 7 a prime-free divisor too; values and gradients as on one device.
