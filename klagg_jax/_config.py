@@ -22,8 +22,9 @@ Measurements behind the numbers (BENCHMARKS.md has the tables):
   up to N * V = 2^30.
 * GPU, fused LM head (an H100, Liger-Kernel's setting: N=8192, D=4096, V=128256, bf16, JSD,
   reduction="mean"): 1024-row blocks took 74.4 ms with 3.0 GB of temp, 2048 rows 73.5 ms with
-  4.0 GB, one block 68.2 ms with 12.0 GB (Liger-Kernel: 128 ms). Hence 640 MiB logical blocks:
-  1024 rows at V=128k, the memory knee at about 1% of the time.
+  4.0 GB, one block 68.2 ms with 12.0 GB (Liger-Kernel: 128 ms); in a second run 1024 rows took
+  73.0 ms and 2048 68.2. Hence 640 MiB logical blocks: 1024 rows at V=128k, 1 GiB less temp for
+  about 7 % of the time.
 * TPU: unmeasured; the GPU's reasoning (large blocks, fused streaming) is assumed.
 """
 
