@@ -203,10 +203,47 @@ def markdown(results: dict) -> str:
   for tail, v in cl["matched"].items():
     ps = ", ".join(_f(x, "{:+.3f}") for x in v["per_seed"].values())
     lines.append(f"| {tail} | {ps} | {_ci((v['estimate'], v['lo'], v['hi']), '{:+.3f}')} |")
+  rounds = range(1, cfg["rounds"] + 1)
+  for key, title, fmt in (
+      ("pressure", "Gradient pressure by round (median of the logged steps, seed median)",
+       "{:.2f}"),
+      ("fired", "Barrier fired by round (share of barrier sequences over tau, seed mean)",
+       "{:.2f}"),
+      ("loop", "Loop rate of the student's own pool by round (64 completions of training "
+               "prompts sampled at the start of the round, so round 1's are the base model's; "
+               "any kind, seed mean)", "{:.2f}"),
+      ("density", "Phrase density of that pool by round (seed mean)", "{:.2f}")):
+    lines += ["", f"{title}.", "", "| arm | " + " | ".join(map(str, rounds)) + " |",
+              "|---|" + "---|" * len(rounds)]
+    for arm, by_seed in results["runs"].items():
+      if key in ("pressure", "fired") and arm not in results["arms"]:
+        continue
+      cells = [fmt.format(v) for v in _by_round(list(by_seed.values()), key)]
+      lines.append(f"| {arm} | " + " | ".join(cells) + " |")
   t = results["timing"]
-  lines += ["", "Time: " + ", ".join(f"{k.replace('_seconds', '')} {v:.0f}s" for k, v in t.items())
-            + f" (base {'cached' if base.get('cached') else 'trained'}).", ""]
+  lines += ["", "Time: " + ", ".join(f"{k.replace('_seconds', '')} {v:.0f}s" for k, v in t.items()
+                                     if k != "workers")
+            + f" ({t.get('workers', 0)} worker processes; base "
+            f"{'cached' if base.get('cached') else 'trained'}).", ""]
   return "\n".join(lines)
+
+
+def _by_round(recs_by_seed: list[list[dict]], key: str) -> list[float]:
+  """Per round, over seeds: median gradient pressure, mean fire rate, or the pool's mean loop
+  rate or phrase density."""
+  out = []
+  for i in range(len(recs_by_seed[0])):
+    rs = [recs[i] for recs in recs_by_seed]
+    if key == "pressure":
+      out.append(float(np.median([np.median(r["steps"]["pressure"]) if r["steps"]["pressure"]
+                                  else np.nan for r in rs])))
+    elif key == "fired":
+      out.append(float(np.mean([r["train"]["fired"] for r in rs])))
+    elif key == "loop":
+      out.append(float(np.mean([r["pool"]["loop_rate"] for r in rs])))
+    else:
+      out.append(float(np.mean([r["pool"]["phrase_density"] for r in rs])))
+  return out
 
 
 def _plt():
