@@ -64,6 +64,7 @@ class Experiment:
 
   # ---- labels and evaluation --------------------------------------------------------------
   def labels(self, comps) -> list[metrics.Label]:
+    """``metrics.label`` of every row of ``comps``."""
     return [metrics.label(c, self.det) for c in comps]
 
   def kl(self, params, tokens) -> np.ndarray:
@@ -78,6 +79,7 @@ class Experiment:
     return kl[:n][:, self.mask]
 
   def drift(self, params) -> float:
+    """Held-out loss of ``params`` minus the base model's (nats/byte)."""
     return float(self.eval_loss(params, self.heldout)) - self.base_info["heldout_loss"]
 
   def evaluate(self, params, seed: int, rnd: int) -> dict:
@@ -98,9 +100,10 @@ class Experiment:
 
   # ---- one arm, one seed ------------------------------------------------------------------
   def run_arm(self, arm: steer.Arm, seed: int, eval_rounds=(), checkpoint=None):
-    """R rounds of S steps. Returns ``(records, snapshots)``: one record per round (training
+    """R rounds of S steps. Returns ``(records, params)``: one record per round (training
     stats, per-step logs, the pool's labels, held-out drift, and the evaluation at
-    ``eval_rounds``); ``checkpoint(params, rnd)`` is called after every round when given."""
+    ``eval_rounds``) and the final parameters; ``checkpoint(params, rnd)`` is called after
+    every round when given."""
     cfg = self.cfg
     step = self._step(arm.agg)
     pressure = self._pressure(arm.agg) if arm.agg is not None else None
