@@ -1,4 +1,4 @@
-"""Experiment configurations: ``FULL`` (the reported run), ``QUICK`` (CI-sized), ``TINY`` (tests)."""
+"""Study configurations: ``FULL`` (the reported run), ``QUICK`` (CI), ``TINY`` (tests)."""
 
 from __future__ import annotations
 
@@ -8,69 +8,93 @@ import json
 
 from experiments.loops.model import ModelConfig
 
-ARMS: tuple[str, ...] = ("none", "mean", "rmse", "p95", "soft_p95", "cvar95")
-"""Barrier arms: ``none`` trains without a barrier; the others name the ``agg`` of ``ka.kl_barrier``."""
+BARRIER_AGGS: tuple[str, ...] = ("mean", "rmse", "p95", "cvar95")
+"""Aggregators of the closed-loop barrier arms (``agg`` of ``ka.kl_barrier``)."""
+
+DETECT_AGGS: tuple[str, ...] = ("mean", "rmse", "p95", "soft_p95", "cvar95", "max")
+"""Aggregators scored in the offline detection study."""
 
 
 @dataclasses.dataclass(frozen=True)
 class BaseConfig:
-    """Pre-training of the base model on the docstring corpus (cached on disk by these fields)."""
+  """Pre-training of the base model on the docstring corpus (cached on disk by these fields)."""
 
-    model: ModelConfig = ModelConfig()
-    steps: int = 1200
-    batch: int = 32
-    seq_len: int = 128
-    lr: float = 3e-3
-    warmup: int = 100
-    seed: int = 0
+  model: ModelConfig = ModelConfig()
+  steps: int = 1200
+  batch: int = 32
+  seq_len: int = 128
+  lr: float = 3e-3
+  warmup: int = 100
+  seed: int = 0
 
-    def key(self, corpus_digest: str) -> str:
-        """Cache key: a hash of every field and of the corpus text."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + corpus_digest
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+  def key(self, corpus_digest: str) -> str:
+    """Cache key: a hash of every field and of the corpus text."""
+    blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + corpus_digest
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One whole experiment."""
+  """One whole study: offline detection on no-barrier students, then the closed-loop arms."""
 
-    name: str
-    base: BaseConfig = BaseConfig()
-    # Prompts and completions (bytes).
-    prompt_len: int = 32
-    completion_len: int = 64
-    temperature: float = 0.8  # sampling temperature everywhere (barrier data, calibration, eval)
-    # Steering target: completions that keep returning to one phrase.
-    phrase: str = "by the way"
-    gap_min: int = 8  # bytes of ordinary text between two insertions of the phrase, at least
-    gap_max: int = 24  # and at most (rounded up to the next word start)
-    n_steer_examples: int = 1024
-    # Steering schedule: R rounds of S optax steps.
-    rounds: int = 8
-    steps_per_round: int = 25
-    lr: float = 2e-3
-    sft_batch: int = 16
-    barrier_batch: int = 16
-    barrier_pool: int = 64  # completions sampled from the student at the start of every round
-    # Self-training from round 2 on: up to this share of every SFT minibatch comes from the pool's
-    # completions that hold the phrase (at most ``select_top``, most occurrences first).
-    self_mix: float = 1.0
-    select_top: int = 16
-    # Barrier: shared fire rate (for calibrate_tau) and shared lam.
-    fire_rate: float = 0.05
-    lam: float = 1.0
-    calib_size: int = 128  # base-model completions used to calibrate tau
-    # Evaluation every round.
-    n_eval: int = 96  # held-out prompts, completions sampled once per round
-    heldout_batches: int = 2  # of ``base.batch`` windows of ``base.seq_len`` bytes
-    coherence_threshold: float = 0.10  # loop rate above which a round counts as collapsed
-    arms: tuple[str, ...] = ARMS
-    seeds: tuple[int, ...] = (0, 1, 2)
+  name: str
+  base: BaseConfig = BaseConfig()
+  # Prompts and completions (bytes).
+  prompt_len: int = 32
+  completion_len: int = 64
+  temperature: float = 0.8  # sampling temperature everywhere (pools, calibration, evaluation)
+  # Steering target: completions that keep returning to one phrase.
+  phrase: str = "by the way"
+  gap_min: int = 8  # bytes of ordinary text between two insertions of the phrase, at least
+  gap_max: int = 24  # and at most (rounded up to the next word start)
+  n_steer_examples: int = 1024
+  # Steering schedule: R rounds of S optax steps.
+  rounds: int = 8
+  steps_per_round: int = 16
+  lr: float = 2e-3
+  sft_batch: int = 16
+  barrier_batch: int = 16
+  barrier_pool: int = 64  # completions sampled from the student at the start of every round
+  # Self-training from round 2 on: up to this share of every SFT minibatch comes from the pool's
+  # clean completions that hold the phrase (ranked by min(count, 3), at most ``select_top``).
+  self_mix: float = 1.0
+  select_top: int = 16
+  exclude_loops: bool = False  # also leave completions with a loop of any kind out
+  # Loop detectors (metrics.label): near-loop thresholds.
+  near_min_len: int = 16  # a repeat this long (phrase deleted) makes a near-loop
+  # Offline detection on the no-barrier students.
+  none_seeds: tuple[int, ...] = (0, 1, 2, 3)
+  contrast_seeds: tuple[int, ...] = (0, 1, 2)  # no barrier, the earlier loop-selecting rule
+  detect_rounds: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+  n_detect: int = 384  # held-out prompts per checkpoint, one completion each
+  detect_aggs: tuple[str, ...] = DETECT_AGGS
+  min_group: int = 3  # a checkpoint enters an AUROC only with this many of each group
+  profile_window: tuple[int, int] = (-16, 32)  # offsets around a loop's start
+  # Positive control: a loop of base-improbable bytes spliced into clean trait completions.
+  pc_unit_len: int = 2  # x 3 copies = 6 bytes, 4 of them predictable: a 4-position loop
+  pc_copies: int = 3
+  pc_rare_bytes: int = 12  # the unit is drawn from this many rarest printable training bytes
+  pc_steps: int = 20  # SFT steps that teach a checkpoint the loop (the "planted" control)
+  pc_rounds: tuple[int, ...] = (2, 5, 8)  # checkpoints that get a planted control
+  # Closed loop: barrier arms at matched calibration.
+  seeds: tuple[int, ...] = (0, 1, 2)
+  barrier_aggs: tuple[str, ...] = BARRIER_AGGS
+  fire_rates: tuple[float, ...] = (0.1, 0.3, 0.6)
+  pressure_rate: float = 0.3  # the pressure-matched level uses this fire rate's tau
+  pressure_target: float = 1.0  # and lam so the calibration student's median pressure is this
+  pressure_probes: int = 16  # minibatches that median is taken over
+  pressure_every: int = 5  # steps between two logged gradient pressures
+  calib_size: int = 256  # samples of the calibration student; its clean trait ones set tau
+  n_eval: int = 192  # held-out prompts of the closed-loop evaluation (final round)
+  eval_rounds: tuple[int, ...] = (8,)  # rounds evaluated on the held-out prompts (the last)
+  heldout_batches: int = 2  # of ``base.batch`` windows of ``base.seq_len`` bytes
+  n_boot: int = 2000  # bootstrap resamples
+  workers: int = 2  # processes that run the students (0: all in the calling process)
 
-    @property
-    def seq_len(self) -> int:
-        """Prompt plus completion."""
-        return self.prompt_len + self.completion_len
+  @property
+  def seq_len(self) -> int:
+    """Prompt plus completion."""
+    return self.prompt_len + self.completion_len
 
 
 FULL = Config(name="full")
@@ -82,8 +106,10 @@ QUICK = Config(
         steps=300, batch=16, seq_len=72, lr=5e-3, warmup=30,
     ),
     prompt_len=24, completion_len=48, n_steer_examples=256,
-    rounds=3, steps_per_round=10, barrier_pool=32, calib_size=32,
-    n_eval=32, heldout_batches=2, seeds=(0, 1),
+    rounds=3, steps_per_round=12, lr=5e-3, barrier_pool=32, calib_size=64,
+    none_seeds=(0, 1), detect_rounds=(2, 3), n_detect=128, pc_steps=10, pc_rounds=(3,),
+    seeds=(0, 1), contrast_seeds=(0,), barrier_aggs=("mean", "p95"), fire_rates=(0.1, 0.6),
+    pressure_probes=4, n_eval=48, eval_rounds=(3,), n_boot=200, workers=0,
 )
 
 TINY = Config(
@@ -94,7 +120,10 @@ TINY = Config(
     ),
     prompt_len=16, completion_len=32, n_steer_examples=64,
     rounds=2, steps_per_round=3, sft_batch=8, barrier_batch=8, barrier_pool=16,
-    calib_size=16, n_eval=16, heldout_batches=1, seeds=(0, 1),
+    calib_size=16, heldout_batches=1, none_seeds=(0, 1), detect_rounds=(2,), n_detect=16,
+    pc_steps=2, pc_rounds=(2,), seeds=(0,), contrast_seeds=(), barrier_aggs=("mean", "p95"),
+    fire_rates=(0.3,),
+    pressure_probes=2, pressure_every=2, n_eval=16, eval_rounds=(2,), n_boot=50, workers=0,
 )
 
 PRESETS = {c.name: c for c in (FULL, QUICK, TINY)}

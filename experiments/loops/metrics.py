@@ -1,4 +1,4 @@
-"""What we measure on sampled completions: loops and the steered trait.
+"""What we measure on sampled completions: loops of three kinds, and the steered trait.
 
 Loop, precisely
 ---------------
@@ -15,63 +15,221 @@ twice, or a 20-byte phrase twice are not. The corpus has every single-byte run s
 bytes, so the held-out text itself has a loop rate of (near) zero under this definition; the
 experiment reports that number as a check.
 
-The *loop rate* of a set of completions is the share of them that contain a loop.
-The *trait rate* is the share that contain the target phrase (bytes, exact match).
+Kinds of loop (``label``)
+-------------------------
+The steered trait is a phrase, and a loop made of the phrase is the trait said too often. So
+every completion gets exactly one label, checked in this order:
+
+- ``phrase_loop``: the completion contains a loop, and none is left once every occurrence of the
+  phrase is deleted (``strip_phrase``): the loop is the phrase (with a word or two) repeated.
+- ``other_loop``: the completion still contains a loop after the phrase is deleted.
+- ``near_loop``: no loop, but a string of at least ``near_min_len`` (16) bytes occurs twice
+  without overlap in the phrase-deleted completion (``longest_repeat_pair``). 16, not 10: a
+  10-byte repeat occurs in 7.6% of 64-byte held-out docstring windows (`` the UUID ``,
+  `` references ``), a 16-byte one in 1.0%.
+- ``clean``: none of these.
+
+The detectors look for repetition, not for the phrase: the phrase only decides which kind a
+loop is, and is deleted before the near-loop test so that saying the phrase twice (the trait) is
+not a near-loop. *Clean with the trait* is a clean completion that holds the phrase.
+
+A compression ratio was tried as a second near-loop test (zlib size below the 1% quantile of
+the steering target's) and dropped: on whole completions it fired on phrase-dense text (four or
+five occurrences in 64 bytes), so it measured the trait again, the confound this labelling is
+meant to remove.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+
+LABELS: tuple[str, ...] = ("phrase_loop", "other_loop", "near_loop", "clean")
+"""Every completion gets exactly one of these (see the module docstring)."""
+
+LOOP_KINDS: tuple[str, ...] = LABELS[:3]
+"""The labels that count as a loop in the study's loop rate."""
 
 
 def longest_repeat(tokens, max_n: int = 20) -> tuple[int, int, int]:
-    """Longest back-to-back repetition in ``tokens``: ``(span, n, copies)``, or ``(0, 0, 0)``.
+  """Longest back-to-back repetition in ``tokens``: ``(span, n, copies)``, or ``(0, 0, 0)``.
 
-    ``span = n * copies`` counts whole copies of one n-gram (``n <= max_n``) placed back to
-    back, ``copies >= 2``. Among equal spans the smallest ``n`` wins.
-    """
-    x = np.asarray(tokens).ravel()
-    best = (0, 0, 0)
-    for n in range(1, min(max_n, len(x) // 2) + 1):
-        same = x[n:] == x[:-n]  # same[j]: x[j] == x[j + n]
-        run = _longest_true_run(same)
-        copies = (run + n) // n  # a run of m matches covers m + n periodic tokens
-        if copies >= 2 and copies * n > best[0]:
-            best = (copies * n, n, copies)
-    return best
+  ``span = n * copies`` counts whole copies of one n-gram (``n <= max_n``) placed back to
+  back, ``copies >= 2``. Among equal spans the smallest ``n`` wins.
+  """
+  x = np.asarray(tokens).ravel()
+  best = (0, 0, 0)
+  for n in range(1, min(max_n, len(x) // 2) + 1):
+    same = x[n:] == x[:-n]  # same[j]: x[j] == x[j + n]
+    run = _longest_true_run(same)
+    copies = (run + n) // n  # a run of m matches covers m + n periodic tokens
+    if copies >= 2 and copies * n > best[0]:
+      best = (copies * n, n, copies)
+  return best
+
+
+def find_loop(tokens, *, max_n: int = 20, min_repeats: int = 3,
+              min_span: int = 12) -> tuple[int, int, int] | None:
+  """The earliest loop in ``tokens``: ``(start, n, copies)``, or None if there is none.
+
+  ``start`` is the index of the first token of the first copy; among loops that start at the
+  same index the smallest ``n`` wins. ``copies`` counts the whole back-to-back copies there.
+  """
+  x = np.asarray(tokens).ravel()
+  best = None
+  for n in range(1, min(max_n, len(x) // max(min_repeats, 1)) + 1):
+    starts, lengths = _true_runs(x[n:] == x[:-n])
+    copies = (lengths + n) // n
+    ok = (copies >= min_repeats) & (copies * n >= min_span)
+    if ok.any():
+      i = int(np.flatnonzero(ok)[0])
+      if best is None or starts[i] < best[0]:
+        best = (int(starts[i]), n, int(copies[i]))
+  return best
 
 
 def has_loop(tokens, *, max_n: int = 20, min_repeats: int = 3, min_span: int = 12) -> bool:
-    """Whether ``tokens`` contains a loop, as defined in this module's docstring."""
-    x = np.asarray(tokens).ravel()
-    for n in range(1, min(max_n, len(x) // max(min_repeats, 1)) + 1):
-        same = x[n:] == x[:-n]
-        copies = (_longest_true_run(same) + n) // n
-        if copies >= min_repeats and copies * n >= min_span:
-            return True
-    return False
+  """Whether ``tokens`` contains a loop, as defined in this module's docstring."""
+  x = np.asarray(tokens).ravel()
+  for n in range(1, min(max_n, len(x) // max(min_repeats, 1)) + 1):
+    same = x[n:] == x[:-n]
+    copies = (_longest_true_run(same) + n) // n
+    if copies >= min_repeats and copies * n >= min_span:
+      return True
+  return False
 
 
 def loop_rate(completions, **kwargs) -> float:
-    """Share of rows of ``completions [B, T]`` that contain a loop (``has_loop`` kwargs)."""
-    rows = np.asarray(completions)
-    if rows.shape[0] == 0:
-        return 0.0
-    return float(np.mean([has_loop(r, **kwargs) for r in rows]))
+  """Share of rows of ``completions [B, T]`` that contain a loop (``has_loop`` kwargs)."""
+  rows = np.asarray(completions)
+  if rows.shape[0] == 0:
+    return 0.0
+  return float(np.mean([has_loop(r, **kwargs) for r in rows]))
 
 
 def trait_rate(completions, phrase: bytes) -> float:
-    """Share of rows of ``completions [B, T]`` (byte tokens) that contain ``phrase``."""
-    rows = np.asarray(completions)
-    if rows.shape[0] == 0:
-        return 0.0
-    return float(np.mean([phrase in bytes(r.astype(np.uint8).tolist()) for r in rows]))
+  """Share of rows of ``completions [B, T]`` (byte tokens) that contain ``phrase``."""
+  rows = np.asarray(completions)
+  if rows.shape[0] == 0:
+    return 0.0
+  return float(np.mean([phrase in _bytes(r) for r in rows]))
+
+
+def phrase_count(tokens, phrase: bytes) -> int:
+  """Non-overlapping occurrences of ``phrase`` in ``tokens`` (bytes)."""
+  return _bytes(tokens).count(phrase)
+
+
+def strip_phrase(tokens, phrase: bytes) -> tuple[np.ndarray, np.ndarray]:
+  """Delete every occurrence of ``phrase``, with one space after it (or, failing that, before it).
+
+  Returns ``(kept, index)``: the remaining tokens, and for each of them its index in ``tokens``
+  (so a position found in ``kept`` maps back to the completion).
+  """
+  x = np.asarray(tokens).ravel()
+  raw = _bytes(x)
+  drop = np.zeros(len(x), bool)
+  start = raw.find(phrase)
+  while start >= 0:
+    end = start + len(phrase)
+    drop[start:end] = True
+    if end < len(x) and raw[end] == 0x20:
+      drop[end] = True
+    elif start > 0 and raw[start - 1] == 0x20:
+      drop[start - 1] = True
+    start = raw.find(phrase, end)
+  index = np.flatnonzero(~drop)
+  return x[index], index
+
+
+def longest_repeat_pair(tokens) -> tuple[int, int, int]:
+  """Longest string that occurs twice without overlap: ``(length, first, second)`` starts.
+
+  ``(0, 0, 0)`` when no byte repeats. Among equal lengths the earliest second copy wins.
+  """
+  x = np.asarray(tokens).ravel()
+  best = (0, 0, 0)
+  for d in range(1, len(x)):
+    starts, lengths = _true_runs(x[d:] == x[:-d])
+    if not len(starts):
+      continue
+    usable = np.minimum(lengths, d)  # copies d apart overlap beyond d tokens
+    i = int(np.argmax(usable))
+    cand = (int(usable[i]), int(starts[i]), int(starts[i]) + d)
+    if cand[0] > best[0] or (cand[0] == best[0] > 0 and cand[2] < best[2]):
+      best = cand
+  return best
+
+
+@dataclasses.dataclass(frozen=True)
+class Detectors:
+  """The thresholds of ``label`` (see the module docstring)."""
+
+  phrase: bytes
+  near_min_len: int = 16  # bytes of a repeated string that make a near-loop
+
+
+@dataclasses.dataclass(frozen=True)
+class Label:
+  """One completion's label, where its loop starts (-1 if clean) and its trait."""
+
+  kind: str
+  start: int
+  phrase_count: int
+
+  @property
+  def trait(self) -> bool:
+    return self.phrase_count > 0
+
+
+def label(tokens, det: Detectors) -> Label:
+  """The kind of ``tokens`` (one of ``LABELS``), and where its loop starts.
+
+  The start is the first copy of the loop (mapped back from the phrase-deleted text for other
+  loops), the second copy of the repeated string for a near-loop, and -1 for a clean completion.
+  """
+  x = np.asarray(tokens).ravel()
+  count = phrase_count(x, det.phrase)
+  kept, index = strip_phrase(x, det.phrase)
+  found_raw, found_kept = find_loop(x), find_loop(kept)
+  if found_kept is not None:
+    return Label("other_loop", int(index[found_kept[0]]), count)
+  if found_raw is not None:
+    return Label("phrase_loop", found_raw[0], count)
+  length, _, second = longest_repeat_pair(kept)
+  if length >= det.near_min_len:
+    return Label("near_loop", int(index[second]), count)
+  return Label("clean", -1, count)
+
+
+def summarize(labels: list[Label], length: int) -> dict:
+  """Rates over a set of completions: each kind, any loop, trait, clean with the trait, and the
+  phrase density per 64 bytes (mean count x 64 / ``length``)."""
+  n = max(len(labels), 1)
+  out = {f"{k}_rate": sum(lab.kind == k for lab in labels) / n for k in LABELS}
+  out["loop_rate"] = sum(lab.kind in LOOP_KINDS for lab in labels) / n
+  out["exact_loop_rate"] = out["phrase_loop_rate"] + out["other_loop_rate"]
+  out["trait_rate"] = sum(lab.trait for lab in labels) / n
+  out["clean_trait_rate"] = sum(lab.trait and lab.kind == "clean" for lab in labels) / n
+  out["phrase_density"] = float(np.mean([lab.phrase_count for lab in labels] or [0])) * 64 / length
+  return out
+
+
+def _bytes(tokens) -> bytes:
+  return bytes(np.asarray(tokens).ravel().astype(np.uint8).tolist())
+
+
+def _true_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Starts and lengths of the runs of consecutive ``True`` in a 1-D bool array."""
+  if mask.size == 0 or not mask.any():
+    return np.zeros(0, int), np.zeros(0, int)
+  padded = np.concatenate([[False], mask, [False]]).astype(np.int8)
+  edges = np.flatnonzero(np.diff(padded))
+  return edges[::2], edges[1::2] - edges[::2]
 
 
 def _longest_true_run(mask: np.ndarray) -> int:
-    """Length of the longest run of consecutive ``True`` in a 1-D bool array."""
-    if mask.size == 0 or not mask.any():
-        return 0
-    padded = np.concatenate([[False], mask, [False]]).astype(np.int8)
-    edges = np.flatnonzero(np.diff(padded))
-    return int((edges[1::2] - edges[::2]).max())
+  """Length of the longest run of consecutive ``True`` in a 1-D bool array."""
+  _, lengths = _true_runs(mask)
+  return int(lengths.max()) if lengths.size else 0

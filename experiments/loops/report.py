@@ -1,4 +1,8 @@
-"""Results: the JSON of every number, a markdown table and the plot."""
+"""Results: the JSON of every number, the markdown tables and the figures.
+
+``python -m experiments.loops.report DIR`` re-renders ``results.md`` and the figures from
+``DIR/results.json``.
+"""
 
 from __future__ import annotations
 
@@ -10,212 +14,407 @@ import platform
 import numpy as np
 
 
+FIGURES = ("decide.png", "detection.png", "training.png")
+AGG_COLORS = {"mean": "tab:blue", "rmse": "tab:orange", "p95": "tab:green",
+              "soft_p95": "tab:olive", "cvar95": "tab:red", "max": "tab:purple"}
+KIND_NAMES = {"phrase_loop": "phrase loops", "other_loop": "other loops",
+              "near_loop": "near-loops", "any_loop": "any real loop",
+              "spliced": "control: spliced", "planted": "control: planted"}
+
+
 def environment() -> dict:
-    """Versions and machine facts recorded with every run."""
-    import flax
-    import jax
-    import optax
+  """Versions and machine facts recorded with every run."""
+  import flax
+  import jax
+  import optax
 
-    import klagg_jax
+  import klagg_jax
 
-    return {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "klagg_jax": getattr(klagg_jax, "__version__", "unknown"),
-        "device": str(jax.devices()[0].device_kind),
-        "cpu_count": os.cpu_count(),
-    }
-
-
-def public(record: dict) -> dict:
-    """A per-round record without its private arrays (keys starting with ``_``)."""
-    return {k: v for k, v in record.items() if not k.startswith("_")}
+  return {
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "flax": flax.__version__,
+      "optax": optax.__version__,
+      "klagg_jax": getattr(klagg_jax, "__version__", "unknown"),
+      "device": str(jax.devices()[0].device_kind),
+      "cpu_count": os.cpu_count(),
+  }
 
 
-def _series(results: dict, arm: str, key: str) -> np.ndarray:
-    """``[n_seeds, rounds + 1]`` of a per-round number for one arm (training stats such as
-    ``fired`` are read from ``record["train"]`` and are NaN at round 0)."""
-    by_seed = results["runs"][arm]
-
-    def get(r):
-        return r[key] if key in r else r.get("train", {}).get(key, np.nan)
-
-    return np.array([[get(r) for r in by_seed[s]] for s in sorted(by_seed, key=int)], float)
+def _ci(v, fmt="{:.2f}") -> str:
+  if v is None:
+    return "-"
+  est, lo, hi = (v["mean"], v["lo"], v["hi"]) if isinstance(v, dict) else v
+  if est is None or np.isnan(est):
+    return "-"
+  return f"{fmt.format(est)} [{fmt.format(lo)}, {fmt.format(hi)}]"
 
 
-def coherent_rounds(loop_rates, threshold: float) -> int:
-    """Rounds from round 1 on before the loop rate first exceeds ``threshold``."""
-    n = 0
-    for rate in loop_rates[1:]:
-        if rate > threshold:
-            break
-        n += 1
-    return n
-
-
-def summarize(results: dict) -> dict:
-    """Per arm: final-round means and seed spread, and rounds of coherence per seed."""
-    threshold = results["config"]["coherence_threshold"]
-    out = {"coherence_threshold": threshold}
-    for arm in results["runs"]:
-        loop = _series(results, arm, "loop_rate")
-        trait = _series(results, arm, "trait_rate")
-        drift = _series(results, arm, "heldout_drift")
-        by_seed = results["runs"][arm]
-        fired = _series(results, arm, "fired")[:, 1:]
-        last = {k: float(np.mean([by_seed[s][-1]["train"][k] for s in by_seed]))
-                for k in ("div", "kl_mean", "kl_p95", "kl_max")}
-        out[arm] = {
-            "tau": results["calibration"]["taus"].get(arm),
-            "final_loop_mean": float(loop[:, -1].mean()),
-            "final_loop_min": float(loop[:, -1].min()),
-            "final_loop_max": float(loop[:, -1].max()),
-            "final_trait_mean": float(trait[:, -1].mean()),
-            "final_trait_min": float(trait[:, -1].min()),
-            "final_trait_max": float(trait[:, -1].max()),
-            "final_drift_mean": float(drift[:, -1].mean()),
-            "coherent_rounds": [coherent_rounds(row, threshold) for row in loop],
-            "fired_mean": float(np.mean(fired)) if arm != "none" else None,
-            "final_train_kl": last,
-            "loop_by_round": loop.mean(0).tolist(),
-            "trait_by_round": trait.mean(0).tolist(),
-            "drift_by_round": drift.mean(0).tolist(),
-            "repeat_by_round": _series(results, arm, "longest_repeat_mean").mean(0).tolist(),
-            "fired_by_round": [None] + fired.mean(0).tolist(),
-        }
-    return out
-
-
-def _pm(mean, lo, hi) -> str:
-    return f"{mean:.2f} [{lo:.2f}, {hi:.2f}]"
+def _f(v, fmt="{:.2f}") -> str:
+  return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else fmt.format(v)
 
 
 def markdown(results: dict) -> str:
-    """The results as markdown tables."""
-    s, base, cfg = results["summary"], results["base"], results["config"]
-    rounds = cfg["rounds"]
-    lines = [
-        f"# Loops experiment: `{cfg['name']}` config",
-        "",
-        f"Base model: held-out loss {base['heldout_loss']:.3f} nats/byte "
-        f"(train {base['train_loss']:.3f}). "
-        f"Held-out text itself: loop rate {results['corpus']['heldout_text_loop_rate']:.3f}. "
-        f"Seeds: {len(cfg['seeds'])}; {rounds} rounds x {cfg['steps_per_round']} steps; "
-        f"fire rate {cfg['fire_rate']}, lam {cfg['lam']}; tau calibrated on "
-        f"{results['calibration']['student']}.",
-        "",
-        f"Final round (round {rounds}) on {cfg['n_eval']} held-out prompts; mean [min, max] over "
-        f"seeds. 'Coherent rounds': rounds before the loop rate first exceeds "
-        f"{s['coherence_threshold']:.2f}, per seed. 'Barrier fired': share of the barrier's "
-        f"sequences over tau, mean over rounds 1-{rounds}. div, kl_mean, kl_p95, kl_max: the "
-        f"barrier's metrics on the student's own samples in round {rounds} (seed mean).",
-        "",
-        "| arm | tau | loop rate | trait rate | held-out drift | coherent rounds | barrier fired "
-        "| div | kl_mean | kl_p95 | kl_max |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for arm in results["runs"]:
-        a = s[arm]
-        tau = "-" if a["tau"] is None else f"{a['tau']:.3f}"
-        fired = "-" if a["fired_mean"] is None else f"{a['fired_mean']:.2f}"
-        lines.append(
-            f"| {arm} | {tau} | {_pm(a['final_loop_mean'], a['final_loop_min'], a['final_loop_max'])}"
-            f" | {_pm(a['final_trait_mean'], a['final_trait_min'], a['final_trait_max'])}"
-            f" | {a['final_drift_mean']:+.3f} | {', '.join(map(str, a['coherent_rounds']))}"
-            f" | {fired} | " + " | ".join(f"{a['final_train_kl'][k]:.2f}" for k in
-                                          ("div", "kl_mean", "kl_p95", "kl_max")) + " |")
-    by_round = (("loop_by_round", "Loop rate"), ("trait_by_round", "Trait rate"),
-                ("drift_by_round", "Held-out loss drift (nats/byte)"),
-                ("repeat_by_round", "Longest back-to-back repeat (bytes, mean over completions; "
-                                    "any n-gram repeated at least twice)"),
-                ("fired_by_round", "Barrier fired (share of barrier sequences over tau, "
-                                   "mean over the round's steps)"))
-    for key, title in by_round:
-        lines += ["", f"{title} by round (mean over seeds; round 0 is the base model).", "",
-                  "| arm | " + " | ".join(str(r) for r in range(rounds + 1)) + " |",
-                  "|---|" + "---|" * (rounds + 1)]
-        for arm in results["runs"]:
-            if key == "fired_by_round" and arm == "none":
-                continue
-            fmt = {"drift_by_round": "{:+.2f}", "repeat_by_round": "{:.1f}"}.get(key, "{:.2f}")
-            cells = ("-" if v is None else fmt.format(v) for v in s[arm][key])
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    d = results["detection"]
-    lines += ["", "What each barrier would see on the held-out completions of every arm, seed and "
-              f"round >= 1 ({d['n_looping']} looping, {d['n_clean']} clean): share over its tau, "
-              "and median aggregate.", "",
-              "| aggregator | tau | fires on looping | fires on clean | median looping | median clean |",
-              "|---|---|---|---|---|---|"]
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    for agg, row in d.items():
-        if isinstance(row, dict):
-            lines.append(f"| {agg} | {row['tau']:.3f} | {fmt(row['fired_looping'])} | "
-                         f"{fmt(row['fired_clean'])} | {fmt(row['median_div_looping'])} | "
-                         f"{fmt(row['median_div_clean'])} |")
-    t = results["timing"]
-    lines += ["", f"Total time {t['total_seconds']:.0f}s (base {t['base_seconds']:.0f}s, "
-              f"{'cached' if base.get('cached') else 'trained'}); "
-              + ", ".join(f"{k} {v:.0f}s" for k, v in t["arm_seconds"].items()) + ".", ""]
-    return "\n".join(lines)
+  """The results as markdown tables."""
+  cfg, base, corpus = results["config"], results["base"], results["corpus"]
+  det, cl, dec, cal = (results["detection"], results["closed_loop"], results["decision"],
+                       results["calibration"])
+  aggs = cfg["detect_aggs"]
+  ht, st = corpus["heldout_text"], corpus["steering_target"]
+  lines = [
+      f"# Loops study: `{cfg['name']}` config",
+      "",
+      f"Base model: held-out loss {base['heldout_loss']:.3f} nats/byte (train "
+      f"{base['train_loss']:.3f}). Detectors on held-out text windows: loop "
+      f"{ht['loop_rate']:.3f} (phrase {ht['phrase_loop_rate']:.3f}, other "
+      f"{ht['other_loop_rate']:.3f}, near {ht['near_loop_rate']:.3f}); on the steering target: "
+      f"loop {st['loop_rate']:.3f}, near {st['near_loop_rate']:.3f}, phrase density "
+      f"{st['phrase_density']:.2f} per 64 bytes.",
+      "",
+      "## Decision",
+      "",
+      dec["rule"],
+      "",
+      "| tail aggregate | loop rate at matched trait, tail - mean | detection AUROC, tail - mean "
+      "| verdict |",
+      "|---|---|---|---|",
+  ]
+  for tail, v in dec["by_agg"].items():
+    lines.append(f"| {tail} | {_ci(v['loop_diff'], '{:+.3f}')} | "
+                 f"{_ci(v['auroc_diff'], '{:+.3f}')} | **{v['verdict']}** |")
+  pc = dec["positive_control"]
+  lines += ["", f"Positive control ({pc['kind']}, {pc['agg']}): AUROC {_ci(pc['auroc'] or None)}, "
+            f"difference to mean {_ci(pc['diff_vs_mean'], '{:+.3f}')}; needs >= "
+            f"{pc['min_auroc']} with the difference above 0: "
+            f"**{'passed' if pc['passed'] else 'failed'}**.", ""]
+
+  # ---- detection
+  rules = {"min3": f"the study's rule (min(count, 3)), seeds {cfg['none_seeds']}",
+           "count": f"the earlier loop-selecting rule (count), seeds {cfg['contrast_seeds']}"}
+  lines += ["## Offline detection", "",
+            f"No-barrier students, checkpoints after rounds {cfg['detect_rounds']}, "
+            f"{cfg['n_detect']} held-out completions per checkpoint; self-training by "
+            + " and by ".join(rules[r] for r in det["by_rule"]) + ". AUROC of each group against "
+            "the same checkpoint's clean trait-bearing completions, mean over checkpoints [95% "
+            "interval, bootstrap over checkpoints]; a checkpoint counts when both groups have "
+            f">= {cfg['min_group']} completions. The planted control exists only for the study's "
+            f"rule, at rounds {cfg['pc_rounds']}.", ""]
+  sets = [("All no-barrier checkpoints (what the decision reads)", det)]
+  sets += [(f"Only {rules[r]}", sub) for r, sub in det["by_rule"].items()]
+  for title, sub in sets:
+    lines += [f"**{title}.**", "",
+              "| group | checkpoints | positives | " + " | ".join(aggs) + " |",
+              "|---|---|---|" + "---|" * len(aggs)]
+    for kind, row in sub["auroc"].items():
+      first = row[aggs[0]]
+      if not first["n_checkpoints"]:
+        continue
+      lines.append(f"| {KIND_NAMES[kind]} | {first['n_checkpoints']} | {first['n_positive']} | "
+                   + " | ".join(_ci(row[a]) for a in aggs) + " |")
+    lines += ["", "AUROC difference to mean, within checkpoint (same intervals):", "",
+              "| group | " + " | ".join(a for a in aggs if a != "mean") + " |",
+              "|---|" + "---|" * (len(aggs) - 1)]
+    for kind, row in sub["diff_vs_mean"].items():
+      if not sub["auroc"][kind][aggs[0]]["n_checkpoints"]:
+        continue
+      lines.append(f"| {KIND_NAMES[kind]} | "
+                   + " | ".join(_ci(row[a], "{:+.3f}") for a in aggs if a != "mean") + " |")
+    lines.append("")
+
+  lines += ["Checkpoints (mean over seeds): share of each label among the held-out "
+            "completions, phrase density per 64 bytes, held-out drift (nats/byte).", "",
+            "| rule | round | phrase loop | other loop | near-loop | clean with trait | density "
+            "| drift |", "|---|---|---|---|---|---|---|---|"]
+  for rule in det["by_rule"]:
+    for rnd in cfg["detect_rounds"]:
+      rs = [c for c in det["checkpoints"] if c["round"] == rnd and c["rule"] == rule]
+      if not rs:
+        continue
+      m = lambda k: np.mean([c["summary"][k] for c in rs])  # noqa: E731
+      lines.append(f"| {rule} | {rnd} | {m('phrase_loop_rate'):.3f} | {m('other_loop_rate'):.3f} "
+                   f"| {m('near_loop_rate'):.3f} | {m('clean_trait_rate'):.2f} | "
+                   f"{m('phrase_density'):.2f} | {np.mean([c['drift'] for c in rs]):+.2f} |")
+  planted = [c for c in det["checkpoints"] if "planted_loop_logprob" in c["info"]]
+  if planted:
+    lp = lambda k: np.mean([c["info"][k] for c in planted])  # noqa: E731
+    lines += ["", f"Planted control ({len(planted)} checkpoints; loop unit per seed from the "
+              f"rarest training bytes `{results['corpus']['rare_bytes']}`): mean log-probability "
+              f"of the loop's bytes after its first copy: planted student "
+              f"{lp('planted_loop_logprob'):.2f}, checkpoint {lp('checkpoint_loop_logprob'):.2f}, "
+              f"base {lp('base_loop_logprob'):.2f} nats."]
+  offs = [-8, -4, -2, -1, 0, 1, 2, 4, 8, 11, 16]
+  lines += ["", "Per-position KL aligned at the loop's start (offset 0 = its first byte), as a "
+            "multiple of the mean per-position KL of the same checkpoint's clean trait "
+            "completions (all checkpoints); n = loops at offset 0.", "",
+            "| group | n | " + " | ".join(f"{o:+d}" for o in offs) + " |",
+            "|---|---|" + "---|" * len(offs)]
+  for kind, prof in det["profiles"].items():
+    o = prof["offsets"]
+    if not prof["count"][o.index(0)]:
+      continue
+    cells = [_f(prof["ratio"][o.index(x)]) if x in o else "-" for x in offs]
+    lines.append(f"| {KIND_NAMES[kind]} | {prof['count'][o.index(0)]} | " + " | ".join(cells)
+                 + " |")
+
+  # ---- calibration
+  lines += ["", "## Calibration", "",
+            f"On {cal['student']}: {cal['n_samples']} samples of training prompts, "
+            f"{cal['n_clean_trait']} of them clean and trait-bearing (tau is set on those). "
+            f"'fires on all' is each tau's fire rate on all {cal['n_samples']} samples, loops "
+            f"included. lam (pressure level): 1 / the median of {cfg['pressure_probes']} "
+            f"gradient pressures at the fire rate {cal['pressure_rate']} tau and lam 1.", "",
+            "| aggregator | " + " | ".join(f"tau @ {r}" for r in cfg["fire_rates"])
+            + " | fires on all | median pressure (lam 1) | lam (pressure level) |",
+            "|---|" + "---|" * len(cfg["fire_rates"]) + "---|---|---|"]
+  for agg in cfg["barrier_aggs"]:
+    taus = cal["taus"][agg]
+    fa = ", ".join(f"{v:.2f}" for v in cal["fired_on_all_samples"][agg].values())
+    lines.append(f"| {agg} | " + " | ".join(f"{taus[str(r)]:.3f}" for r in cfg["fire_rates"])
+                 + f" | {fa} | {np.median(cal['pressure_at_lam1'][agg]):.2f} | "
+                 f"{cal['pressure_lam'][agg]:.3f} |")
+
+  # ---- closed loop
+  lines += ["", "## Closed loop", "",
+            f"Final round ({cfg['rounds']}), {cfg['n_eval']} held-out prompts; seed mean "
+            f"[min, max] over seeds {cfg['seeds']} (no barrier: {cfg['none_seeds']}). loop = any "
+            "kind. Pressure: ka.grad_pressure (||grad barrier|| / ||grad SFT||) logged every "
+            f"{cfg['pressure_every']} steps, median over round 1 and over all rounds. fired: "
+            "share of barrier sequences over tau, rounds 2+. positions: completion positions "
+            "whose logits get barrier gradient, per fired sequence.", "",
+            "| arm | tau | lam | loop | phrase loop | other | near | density | clean trait "
+            "| drift | pressure r1 | pressure all | fired | positions |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for arm, row in cl["arms"].items():
+    info = results["arms"].get(arm, {})
+    m, lo, hi = row["mean"], row["min"], row["max"]
+    def rng(k, f="{:.2f}", m=m, lo=lo, hi=hi):
+      return f"{f.format(m[k])} [{f.format(lo[k])}, {f.format(hi[k])}]"
+    extra = ("- | - | - | -" if arm not in results["arms"] else
+             f"{_f(m['pressure_round1'])} | {_f(m['pressure_median'])} | {_f(m['fired_mean'])} "
+             f"| {_f(m['positions_per_fired'], '{:.1f}')}")
+    lines.append(
+        f"| {arm} | {_f(info.get('tau'), '{:.3f}')} | {_f(info.get('lam'), '{:.3f}')} | "
+        f"{rng('loop_rate')} | {m['phrase_loop_rate']:.2f} | {m['other_loop_rate']:.2f} | "
+        f"{m['near_loop_rate']:.2f} | {rng('phrase_density')} | {m['clean_trait_rate']:.2f} | "
+        f"{m['drift']:+.2f} | {extra} |")
+  lines += ["", "Seed-paired loop-rate difference to mean at matched phrase density (tail - "
+            "mean; per seed, then mean [95% bootstrap interval over prompts and seeds]):", "",
+            "| tail | per seed | estimate |", "|---|---|---|"]
+  for tail, v in cl["matched"].items():
+    ps = ", ".join(_f(x, "{:+.3f}") for x in v["per_seed"].values())
+    lines.append(f"| {tail} | {ps} | {_ci((v['estimate'], v['lo'], v['hi']), '{:+.3f}')} |")
+  rounds = range(1, cfg["rounds"] + 1)
+  for key, title, fmt in (
+      ("pressure", "Gradient pressure by round (median of the logged steps, seed median)",
+       "{:.2f}"),
+      ("fired", "Barrier fired by round (share of barrier sequences over tau, seed mean)",
+       "{:.2f}"),
+      ("loop", "Loop rate of the student's own pool by round (64 completions of training "
+               "prompts sampled at the start of the round, so round 1's are the base model's; "
+               "any kind, seed mean)", "{:.2f}"),
+      ("density", "Phrase density of that pool by round (seed mean)", "{:.2f}")):
+    lines += ["", f"{title}.", "", "| arm | " + " | ".join(map(str, rounds)) + " |",
+              "|---|" + "---|" * len(rounds)]
+    for arm, by_seed in results["runs"].items():
+      if key in ("pressure", "fired") and arm not in results["arms"]:
+        continue
+      cells = [fmt.format(v) for v in _by_round(list(by_seed.values()), key)]
+      lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+  t = results["timing"]
+  lines += ["", "Time: " + ", ".join(f"{k.replace('_seconds', '')} {v:.0f}s" for k, v in t.items()
+                                     if k != "workers")
+            + f" ({t.get('workers', 0)} worker processes; base "
+            f"{'cached' if base.get('cached') else 'trained'}).", ""]
+  return "\n".join(lines)
 
 
-def plot(results: dict, path) -> None:
-    """Loop rate, trait rate and held-out drift vs round: one line per arm (seed mean), seed
-    min-max shaded."""
-    import matplotlib
+def _by_round(recs_by_seed: list[list[dict]], key: str) -> list[float]:
+  """Per round, over seeds: median gradient pressure, mean fire rate, or the pool's mean loop
+  rate or phrase density."""
+  out = []
+  for i in range(len(recs_by_seed[0])):
+    rs = [recs[i] for recs in recs_by_seed]
+    if key == "pressure":
+      out.append(float(np.median([np.median(r["steps"]["pressure"]) if r["steps"]["pressure"]
+                                  else np.nan for r in rs])))
+    elif key == "fired":
+      out.append(float(np.mean([r["train"]["fired"] for r in rs])))
+    elif key == "loop":
+      out.append(float(np.mean([r["pool"]["loop_rate"] for r in rs])))
+    else:
+      out.append(float(np.mean([r["pool"]["phrase_density"] for r in rs])))
+  return out
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    panels = (("loop_rate", "loop rate"), ("trait_rate", "trait rate"),
-              ("heldout_drift", "held-out loss drift (nats/byte)"))
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
-    cfg = results["config"]
-    x = np.arange(cfg["rounds"] + 1)
-    for arm in results["runs"]:
-        for ax, (key, label) in zip(axes, panels):
-            y = _series(results, arm, key)
-            (line,) = ax.plot(x, y.mean(0), marker="o", ms=3, label=arm)
-            ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.15, lw=0)
-            ax.set_xlabel("round")
-            ax.set_xticks(x)
-            ax.set_ylabel(label)
-    for ax in axes[:2]:
-        ax.set_ylim(-0.02, 1.02)
-    axes[0].legend(title="barrier agg", fontsize=8)
-    fig.suptitle(f"Steering with a KL barrier per aggregator ({cfg['name']} config, "
-                 f"{len(cfg['seeds'])} seeds; line: seed mean, shaded: seed min-max)")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def _plt():
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def _span(row: dict, key: str) -> list[list[float]]:
+  """Error-bar lengths from the seed mean to the seed min and max."""
+  return [[row["mean"][key] - row["min"][key]], [row["max"][key] - row["mean"][key]]]
+
+
+def plot_decide(results: dict, path) -> None:
+  """The deciding figure: loop rate against phrase density per aggregator across strictness
+  levels (seed mean, seed range as bars), no barrier as a point; and the two differences the
+  decision reads, with their intervals."""
+  plt = _plt()
+  cl, arms, dec = results["closed_loop"], results["arms"], results["decision"]
+  fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True,
+                               gridspec_kw={"width_ratios": [3, 2]})
+  for agg in results["config"]["barrier_aggs"]:
+    names = [a for a, i in arms.items() if i["agg"] == agg]
+    pts = sorted((cl["arms"][a]["mean"]["phrase_density"], cl["arms"][a]["mean"]["loop_rate"], a)
+                 for a in names)
+    c = AGG_COLORS.get(agg)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=c, label=agg, alpha=0.8)
+    for x, y, a in pts:
+      row = cl["arms"][a]
+      ax.errorbar(x, y, xerr=_span(row, "phrase_density"), yerr=_span(row, "loop_rate"),
+                  fmt="s" if arms[a]["level"] == "pressure" else "o", color=c, ms=6,
+                  capsize=2, lw=0.8)
+      ax.annotate(arms[a]["level"].replace("r", "", 1) if arms[a]["level"] != "pressure" else "P",
+                  (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=c)
+  for name, mk, label in (("none", "*", "no barrier"),
+                          ("none@count", "X", "no barrier, earlier loop-selecting rule")):
+    if name not in cl["arms"]:
+      continue
+    row = cl["arms"][name]
+    x, y = row["mean"]["phrase_density"], row["mean"]["loop_rate"]
+    ax.errorbar(x, y, xerr=_span(row, "phrase_density"), yerr=_span(row, "loop_rate"),
+                fmt=mk, color="k" if name == "none" else "0.5", ms=11, capsize=2, label=label)
+  ax.set_xlabel("trait: phrase occurrences per 64 bytes (final round)")
+  ax.set_ylabel("loop rate, any kind (final round)")
+  ax.set_title("loop rate vs trait; labels: fire rate of tau, P: pressure-matched lam")
+  ax.legend(fontsize=8)
+  labels, y = [], 0
+  for tail, v in dec["by_agg"].items():
+    for key, name, mk in (("loop_diff", "loop rate @ matched trait", "o"),
+                          ("auroc_diff", "detection AUROC", "s")):
+      ci = v[key]
+      if ci is not None and not np.isnan(ci[0]):
+        bx.errorbar(ci[0], y, xerr=[[ci[0] - ci[1]], [ci[2] - ci[0]]], fmt=mk,
+                    color=AGG_COLORS.get(tail), capsize=3)
+      labels.append(f"{tail}: {name}\n({v['verdict']})" if key == "loop_diff" else
+                    f"{tail}: {name}")
+      y += 1
+  bx.axvline(0, color="k", lw=0.8)
+  bx.set_yticks(range(len(labels)), labels, fontsize=8)
+  bx.invert_yaxis()
+  bx.set_xlabel("tail - mean (95% interval)")
+  bx.set_title("what the decision rule reads")
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_detection(results: dict, path) -> None:
+  """AUROC per aggregator and group (mean over checkpoints, interval), and the KL profile
+  aligned at loop starts."""
+  plt = _plt()
+  det, aggs = results["detection"], results["config"]["detect_aggs"]
+  fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5), constrained_layout=True)
+  kinds = [k for k in det["auroc"] if det["auroc"][k][aggs[0]]["n_checkpoints"]]
+  width = 0.8 / max(len(kinds), 1)
+  for i, kind in enumerate(kinds):
+    for j, a in enumerate(aggs):
+      v = det["auroc"][kind][a]
+      x = j + (i - (len(kinds) - 1) / 2) * width
+      ax.errorbar(x, v["mean"], yerr=[[v["mean"] - v["lo"]], [v["hi"] - v["mean"]]], fmt="o",
+                  color=f"C{i}", ms=4, capsize=2, label=KIND_NAMES[kind] if j == 0 else None)
+  ax.axhline(0.5, color="k", lw=0.8, ls=":")
+  ax.set_xticks(range(len(aggs)), aggs)
+  ax.set_ylim(0, 1.02)
+  ax.set_ylabel("AUROC vs clean trait completions (within checkpoint)")
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7, ncol=2)
+  ax.set_title("offline detection, no-barrier checkpoints")
+  for i, kind in enumerate(k for k in det["profiles"] if k in det["auroc"]):
+    prof = det["profiles"][kind]
+    if not any(prof["count"]):
+      continue
+    bx.plot(prof["offsets"], prof["ratio"], color=f"C{list(det['auroc']).index(kind)}",
+            label=KIND_NAMES[kind])
+  bx.axhline(1.0, color="k", lw=0.8, ls=":")
+  bx.axvline(0, color="k", lw=0.8)
+  if bx.get_legend_handles_labels()[0]:
+    bx.set_yscale("log")
+  bx.set_xlabel("position relative to the loop's start (bytes)")
+  bx.set_ylabel("KL / mean KL of clean trait completions")
+  bx.set_title("per-position KL aligned at the loop's start")
+  if bx.get_legend_handles_labels()[0]:
+    bx.legend(fontsize=7)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_training(results: dict, path) -> None:
+  """Per round (seed mean): gradient pressure (median of the logged steps), fire rate, and the
+  loop rate of the student's own pool."""
+  plt = _plt()
+  runs, arms = results["runs"], results["arms"]
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+  styles = {"r0.1": ":", "r0.3": "--", "r0.6": "-", "pressure": "-."}
+  for arm, by_seed in runs.items():
+    info = arms.get(arm, {"agg": None, "level": "-"})
+    c = AGG_COLORS.get(info["agg"], "k")
+    ls = styles.get(info["level"], "-")
+    recs = list(by_seed.values())
+    x = np.arange(1, len(recs[0]) + 1)
+    if info["agg"] is not None:
+      press = np.array([[np.median(r["steps"]["pressure"]) if r["steps"]["pressure"] else np.nan
+                         for r in rs] for rs in recs])
+      fired = np.array([[r["train"]["fired"] for r in rs] for rs in recs])
+      axes[0].plot(x, np.nanmean(press, 0), ls, color=c, lw=1)
+      axes[1].plot(x, fired.mean(0), ls, color=c, lw=1)
+    loop = np.array([[r["pool"]["loop_rate"] for r in rs] for rs in recs])
+    axes[2].plot(x, loop.mean(0), ls, color=c, lw=1.5 if arm == "none" else 1,
+                 label=arm if info["level"] in ("r0.6", "-") else None)
+  axes[0].set_yscale("log")
+  axes[0].set_ylabel("gradient pressure (median of logged steps)")
+  axes[1].set_ylabel("barrier fired (share of sequences)")
+  axes[2].set_ylabel("loop rate of the student's own pool")
+  for a in axes:
+    a.set_xlabel("round")
+  axes[2].legend(fontsize=7, title="colour: agg; line: : 0.1, -- 0.3, - 0.6, -. pressure",
+                 title_fontsize=7)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 def write(results: dict, out_dir) -> None:
-    """``results.json``, ``results.md`` and ``loops.png`` in ``out_dir``."""
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable) + "\n")
-    render(out)
+  """``results.json``, ``results.md`` and the figures in ``out_dir``."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "results.json").write_text(json.dumps(results, indent=None, default=_jsonable) + "\n")
+  render(out)
 
 
 def render(out_dir) -> None:
-    """(Re)write ``results.md`` and ``loops.png`` from ``results.json`` in ``out_dir``."""
-    out = pathlib.Path(out_dir)
-    results = json.loads((out / "results.json").read_text())
-    (out / "results.md").write_text(markdown(results))
-    plot(results, out / "loops.png")
+  """(Re)write ``results.md`` and the figures from ``results.json`` in ``out_dir``."""
+  out = pathlib.Path(out_dir)
+  results = json.loads((out / "results.json").read_text())
+  (out / "results.md").write_text(markdown(results))
+  plot_decide(results, out / "decide.png")
+  plot_detection(results, out / "detection.png")
+  plot_training(results, out / "training.png")
 
 
 def _jsonable(x):
-    if isinstance(x, (np.floating, np.integer, np.bool_)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON serializable: {type(x)}")
+  if isinstance(x, (np.floating, np.integer, np.bool_)):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"not JSON serializable: {type(x)}")
+
 
 
 if __name__ == "__main__":
-    import sys
+  import sys
 
-    render(sys.argv[1] if len(sys.argv) > 1 else pathlib.Path(__file__).parent / "results")
+  render(sys.argv[1] if len(sys.argv) > 1 else pathlib.Path(__file__).parent / "results")
