@@ -137,5 +137,5 @@ def test_path_finder_finds_what_the_docs_name():
                               "results/loops.png", "benchmarks/results/{grid,bf16}/"]
   assert expand_braces("a/{b,c}.{md,json}") == ["a/b.md", "a/b.json", "a/c.md", "a/c.json"]
   assert not resolves(ROOT / "README.md", "examples/no_such_example.py")
-  assert resolves(ROOT / "experiments" / "loops" / "EXPERIMENTS.md", "results/loops.png")
+  assert resolves(ROOT / "experiments" / "loops" / "EXPERIMENTS.md", "results/decide.png")
   assert is_ignored("experiments/loops/cache/") and not is_ignored("examples/fused_heal.py")
