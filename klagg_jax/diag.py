@@ -81,7 +81,9 @@ def render(rows: dict[str, dict[str, float]], tau: float) -> str:
   lines.append(
       f"The separation of loop from trait grows from {sep['mean']:.1f}x (mean) to "
       f"{sep['rmse']:.1f}x (rmse), {sep['p95']:.1f}x (p95) and {sep['max']:.1f}x (max): "
-      "outlier-aware aggregates are what let a barrier tell incoherence from a coherent shift.")
+      "on these synthetic students, whose loop spikes on tokens the base finds improbable, the "
+      "outlier-aware aggregates tell it from a coherent shift far better than the mean. (On loops "
+      "of text the base itself predicts they did not: experiments/loops/EXPERIMENTS.md.)")
   return "\n".join(lines)
 
 
