@@ -184,16 +184,12 @@ def fused_total(hidden, weight, bias, ref_rows, ref_consts, mask, spec: FusedSpe
     return total + jnp.where(m_c & fresh, div, 0.0).sum(), []
 
   total, _ = scan_row_chunks(body, (hidden, mask, *ref_rows), spec.chunks,
-                             jnp.zeros((), _total_dtype(hidden, weight)))
+                             jnp.zeros((), _checks.compute_dtype(hidden, weight)))
   return total
 
 
-def _total_dtype(hidden, weight):
-  return _checks.compute_dtype(hidden, weight)
-
-
 def _total_fwd(hidden, weight, bias, ref_rows, ref_consts, mask, spec):
-  dtype = _total_dtype(hidden, weight)
+  dtype = _checks.compute_dtype(hidden, weight)
   grad_scale = jnp.asarray(spec.inv_temperature, dtype)
 
   def body(part, fresh, carry):

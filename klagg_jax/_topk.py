@@ -125,11 +125,19 @@ def topk_block_forward(x: jax.Array, teacher: Teacher, spec: Spec) -> tuple[jax.
     the log-sum-exp of the student's logits outside the stored entries, then the statistics of
     the k + 1 cell divergence.
   """
+  return _forward(x, teacher, spec, _stored_view(x, teacher, spec))
+
+
+def _stored_view(x: jax.Array, teacher: Teacher, spec: Spec) -> tuple:
+  """(local indices, in this slice, stored mask [C, V], the student's stored logits [C, k])."""
   local, here = _local_indices(x, teacher[1], spec.vocab_axis)
-  outside = jnp.where(_stored_mask(x, local, here), -jnp.inf, x)
-  outside_lse = log_normalizer(outside, spec.vocab_axis)
-  a, b = _cells(_kept(x, local, here, spec.vocab_axis), teacher, outside_lse)
-  div, stats = block_forward(a, b, _cell_spec(spec))
+  return local, here, _stored_mask(x, local, here), _kept(x, local, here, spec.vocab_axis)
+
+
+def _forward(x, teacher, spec, view):
+  _, _, stored, kept = view
+  outside_lse = log_normalizer(jnp.where(stored, -jnp.inf, x), spec.vocab_axis)
+  div, stats = block_forward(*_cells(kept, teacher, outside_lse), _cell_spec(spec))
   return div, (outside_lse, *stats)
 
 
@@ -139,10 +147,13 @@ def topk_block_backward(x: jax.Array, teacher: Teacher, stats: tuple, spec: Spec
   A stored entry gets its cell's gradient; an entry outside gets the tail cell's gradient times
   exp(x_v - lse_outside), its share of the student's tail mass (0 when the tail is empty).
   """
+  return _backward(x, teacher, stats, spec, _stored_view(x, teacher, spec))
+
+
+def _backward(x, teacher, stats, spec, view):
+  local, here, stored, kept = view
   outside_lse, *cell_stats = stats
-  local, here = _local_indices(x, teacher[1], spec.vocab_axis)
-  stored = _stored_mask(x, local, here)
-  a, b = _cells(_kept(x, local, here, spec.vocab_axis), teacher, outside_lse)
+  a, b = _cells(kept, teacher, outside_lse)
   da, _ = block_backward(a, b, cell_stats, _cell_spec(spec))
   no_tail = is_empty_row(outside_lse)[:, None]
   share = jnp.where(stored | no_tail, 0.0, jnp.exp(x - stable_shift(outside_lse)[:, None]))
@@ -153,8 +164,9 @@ def topk_block_backward(x: jax.Array, teacher: Teacher, stats: tuple, spec: Spec
 def topk_block_value_and_grad(x: jax.Array, teacher: Teacher,
                               spec: Spec) -> tuple[jax.Array, jax.Array]:
   """(div [C], d div / d x [C, V]) in one pass (the fused scalar kernel's forward)."""
-  div, stats = topk_block_forward(x, teacher, spec)
-  return div, topk_block_backward(x, teacher, stats, spec)
+  view = _stored_view(x, teacher, spec)  # the stored entries' scatter and gather, made once
+  div, stats = _forward(x, teacher, spec, view)
+  return div, _backward(x, teacher, stats, spec, view)
 
 
 def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
