@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # it skips, screens of them on some machines' configurations.
 PIP_INSTALL := $(PIP) install -qq --disable-pip-version-check
 
-.PHONY: demo examples test dist dist-check bench bench-quick bench-gpu bench-gpu-dry gpu-wheels experiment experiment-quick clean
+.PHONY: demo examples test docs dist dist-check bench bench-quick bench-gpu bench-gpu-dry gpu-wheels experiment experiment-quick clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ $(VENV)/.installed-bench: pyproject.toml | $(VENV)/bin/activate
 	$(PIP_INSTALL) -e ".[dev,bench]"
 	touch $@
 
+$(VENV)/.installed-docs: pyproject.toml | $(VENV)/bin/activate
+	$(PIP_INSTALL) -e ".[docs]"
+	touch $@
+
 $(VENV)/.installed-build: | $(VENV)/bin/activate
 	$(PIP_INSTALL) build
 	touch $@
@@ -45,6 +49,12 @@ examples: $(VENV)/.installed-examples
 # thread, so 2 cores halve its wall time.
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -n auto
+
+# The HTML site into docs/_build/html (open index.html): the guide pages and the API reference
+# from the docstrings. Any warning fails the build; --keep-going lists them all first.
+docs: $(VENV)/.installed-docs
+	$(PY) -m sphinx -b html -W --keep-going -q docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
 
 # sdist and wheel into dist/ (python -m build, in an isolated build environment).
 dist: $(VENV)/.installed-build
@@ -84,4 +94,4 @@ experiment-quick: $(VENV)/.installed-dev
 	$(PY) -m experiments.loops.run --quick
 
 clean:
-	rm -rf $(VENV) .pytest_cache build dist
+	rm -rf $(VENV) .pytest_cache build dist docs/_build

@@ -157,6 +157,27 @@ def _version(dist: str) -> str | None:
     return None
 
 
+def klagg_version() -> str:
+  """The measured package's version, also when it runs from a source tree that is not installed."""
+  from klagg_jax._version import find_version
+
+  return find_version()
+
+
+def git_commit(root: Path = Path(__file__).resolve().parents[1]) -> str:
+  """The checkout's commit (``+dirty`` when tracked files differ from it); "unknown" outside git."""
+  try:
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, timeout=10)
+    if head.returncode != 0:
+      return "unknown"
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+  return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
 def environment(torch_version: str | None) -> dict[str, Any]:
   """Everything a row needs to be compared honestly: device, versions, CPU, date, command."""
   dev = jax.devices()[0]
@@ -178,7 +199,8 @@ def environment(torch_version: str | None) -> dict[str, Any]:
       "jaxlib": _version("jaxlib"),
       "optax": _version("optax"),
       "numpy": np.__version__,
-      "klagg_jax": _version("klagg-jax"),
+      "klagg_jax": klagg_version(),
+      "git_commit": git_commit(),
       "torch": torch_version,
       "torch_threads": torch_threads,
       "torch_cuda": torch_cuda,

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import klagg_jax as ka
+from _harness import git_commit
 
 
 def main() -> None:
@@ -36,7 +37,8 @@ def main() -> None:
   h, rh = (jax.random.normal(k, (args.n, args.d), dtype) for k in keys[:2])
   w, rw = ((jax.random.normal(k, (args.v, args.d), jnp.float32) / args.d ** 0.5).astype(dtype)
            for k in keys[2:])
-  print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, N={args.n} D={args.d} "
+  print(f"{jax.devices()[0].device_kind}, klagg_jax {ka.__version__} (commit {git_commit()}), "
+        f"jax {jax.__version__}, N={args.n} D={args.d} "
         f"V={args.v} {dtype.name}, js beta=0.5, reduction='mean'")
   print("| chunk_size | accum_dtype | median ms | temp MiB | output MiB | loss |")
   print("|---:|---|---:|---:|---:|---:|")

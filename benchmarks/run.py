@@ -396,7 +396,8 @@ def markdown(env: dict[str, Any], results: list[H.Result], captions: dict[str, s
   lines = [
       f"Device: {env['device_kind']} ({env['platform']}, {env['device_count']} device(s)); "
       f"CPU: {env['cpu_model']}, {env['cpu_count']} cores; {env['date']}",
-      f"{versions}, klagg_jax {env['klagg_jax']}; XLA_FLAGS={env['xla_flags'] or '(none)'}; "
+      f"{versions}, klagg_jax {env['klagg_jax']} (commit {env.get('git_commit', 'unknown')}); "
+      f"XLA_FLAGS={env['xla_flags'] or '(none)'}; "
       f"`{env['command']}`",
       "",
   ]

@@ -46,6 +46,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import klagg_jax as ka  # noqa: E402
+from _harness import git_commit  # noqa: E402
 
 MESHES = {1: (1, 1), 2: (1, 2), 4: (2, 2), 8: (2, 4)}  # devices -> (data, model), "both"
 LAYOUTS = ("batch", "vocab", "both")
@@ -154,7 +155,8 @@ def main(argv=None) -> None:
       print(table([r for r in rows if (r.workload, r.layout) == (name, layout)]).splitlines()[-1],
             flush=True)
   dev = jax.devices()[0]
-  print(f"\njax {jax.__version__}, {dev.platform}, simulated devices; B = {args.b}, T = {args.t}, "
+  print(f"\nklagg_jax {ka.__version__} (commit {git_commit()}), jax {jax.__version__}, "
+        f"{dev.platform}, simulated devices; B = {args.b}, T = {args.t}, "
         f"V = {args.v}, D = {args.d}, k = {K}, float32; classic Mesh (Auto axes), jit, no "
         "partition=; MiB per device (temp + arguments + outputs) from memory_analysis().\n")
   print(table(rows))

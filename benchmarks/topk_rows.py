@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import klagg_jax as ka
+from _harness import git_commit
 
 
 def _measure(fn: Callable, args: Sequence[Any], *, warmup: int, repeats: int) -> dict[str, Any]:
@@ -87,11 +88,12 @@ def topk_rows(n: int, v: int, ks: Sequence[int] = (32, 256), quick: bool = False
     One dict per row: `impl`, `k`, `n`, `v`, `d`, `median_s`, `min_s`, `times_s`, `lower_s`,
     `compile_s`, `temp_bytes`, `output_bytes`, `stored_bytes_per_token` (what the pipeline keeps
     of the teacher per position), `max_abs_diff` (fused row against its materialized reference,
-    loss and gradients), `device_kind`, `jax`, `python`.
+    loss and gradients), `device_kind`, `jax`, `klagg_jax`, `git_commit`, `python`.
   """
   warmup, repeats = (1, 3) if quick else (2, 7)
   x = _inputs(n, v, d)
   env = {"device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
+         "klagg_jax": ka.__version__, "git_commit": git_commit(),
          "python": platform.python_version(), "n": n, "v": v}
   rows = []
 

@@ -2,7 +2,7 @@
 
 from klagg_jax._aggregate import aggregate as aggregate
 from klagg_jax._aggregate import cvar as cvar
-from klagg_jax._aggregate import max as max  # noqa: A004 -- ka.max, as SPEC.md names it
+from klagg_jax._aggregate import max as max  # noqa: A004 -- ka.max, the public alias of ka.maximum
 from klagg_jax._aggregate import maximum as maximum
 from klagg_jax._aggregate import mean as mean
 from klagg_jax._aggregate import power_mean as power_mean

@@ -172,7 +172,7 @@ def maximum(x: jax.typing.ArrayLike, *, where: Any = None, axis: int | None = -1
   return _masked_max(x, mask, count)
 
 
-max = maximum  # noqa: A001 -- public alias, as in SPEC.md (``ka.max``).
+max = maximum  # noqa: A001 -- the public alias ``ka.max``.
 
 
 def quantile(x: jax.typing.ArrayLike, q: float, *, where: Any = None,

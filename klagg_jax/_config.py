@@ -13,18 +13,22 @@ plan (small inputs, or a ``chunk_size`` given), one plan is traced and no branch
 
 Measurements behind the numbers (BENCHMARKS.md has the tables):
 
-* CPU (this project's 2-core machine): 2 MiB float32 blocks for the divergences (a block that fits
-  L2 across the passes: 2.8x faster than jax.numpy at N=2048, V=32768); 32 MiB for the fused
-  head, whose blocks feed matmuls (256-row chunks at V=32768: 2x faster than 64-row ones).
-* GPU (an H200, N=8192, V=131072, bf16): 128-row blocks were the slowest of six sizes tried; every
-  size from 512 rows up was faster, and one block of all 8192 rows gave the fastest gradient
-  (3.9 ms against 5.5 ms at 2048 rows, 16 MiB of temp). Hence a 4 GiB logical budget: one block
-  up to N * V = 2^30.
+* CPU (a 2-core AMD EPYC; ``benchmarks/results/grid/cpu-2026-11-24.md``): 2 MiB float32 blocks
+  for the divergences (a block that fits L2 across the passes: 2.8x faster than jax.numpy at
+  N=2048, V=32768); 32 MiB for the fused head, whose blocks feed matmuls (256-row chunks at
+  V=32768 were 2x faster than 64-row ones in a sweep with no committed result file).
+* GPU (an H200, N=8192, V=131072, bf16; quoted from measurements with no committed result file):
+  128-row blocks were the slowest of six sizes tried; every size from 512 rows up was faster, and
+  one block of all 8192 rows gave the fastest gradient (3.9 ms against 5.5 ms at 2048 rows, 16 MiB
+  of temp). The committed H100 run agrees (``benchmarks/results/gpu/``: the barrier gradient at
+  8192-row blocks 5.2 ms, at 512 rows 7.2 ms). Hence a 4 GiB logical budget: one block up to
+  N * V = 2^30.
 * GPU, fused LM head (an H100, Liger-Kernel's setting: N=8192, D=4096, V=128256, bf16, JSD,
-  reduction="mean"): 1024-row blocks took 74.4 ms with 3.0 GB of temp, 2048 rows 73.5 ms with
-  4.0 GB, one block 68.2 ms with 12.0 GB (Liger-Kernel: 128 ms); in a second run 1024 rows took
-  73.0 ms and 2048 68.2. Hence 640 MiB logical blocks: 1024 rows at V=128k, 1 GiB less temp for
-  about 7 % of the time.
+  reduction="mean"; ``benchmarks/results/gpu/nvidia-h100-80gb-hbm3-2026-11-27.md`` and
+  ``benchmarks/results/gpu/fused-sweep-h100-2026-11-27.md``): 1024-row blocks took 74.4 ms with
+  3.0 GB of temp, 2048 rows 73.5 ms with 4.0 GB, one block 68.2 ms with 12.0 GB (Liger-Kernel:
+  128 ms); in a second run 1024 rows took 73.0 ms and 2048 68.2. Hence 640 MiB logical blocks:
+  1024 rows at V=128k, 1 GiB less temp for about 7 % of the time.
 * TPU: unmeasured; the GPU's reasoning (large blocks, fused streaming) is assumed.
 """
 

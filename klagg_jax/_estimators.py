@@ -68,21 +68,27 @@ def _k3(d: jax.Array) -> jax.Array:
 def kl_estimate(logp: jax.typing.ArrayLike, ref_logp: jax.typing.ArrayLike, *,
                 estimator: str = "k3", where: jax.typing.ArrayLike | None = None,
                 max_log_ratio: float | jax.Array | None = 20.0) -> jax.Array:
-  """Per-token estimate of KL(student || ref) from the sampled tokens' log-probabilities.
+  r"""Per-token estimate of KL(student || ref) from the sampled tokens' log-probabilities.
 
-  With d = clip(ref_logp - logp, -M, M) for M = ``max_log_ratio``: k1 = -d = logp - ref_logp,
-  k2 = d^2 / 2, k3 = e^d - d - 1. For tokens sampled from the student, k1 and k3 are unbiased
-  estimators of KL(p || r); k3 is never negative and has the lowest variance of the two when p
-  and r are close; k2 is biased (its mean is the KL to second order) but has low variance.
+  With :math:`d = \operatorname{clip}(\text{ref\_logp} - \text{logp}, -M, M)` for :math:`M` =
+  ``max_log_ratio``:
+
+  .. math::
+
+     k_1 = -d = \text{logp} - \text{ref\_logp}, \qquad k_2 = d^2 / 2, \qquad k_3 = e^d - d - 1.
+
+  For tokens sampled from the student, k1 and k3 are unbiased estimators of KL(p || r); k3 is
+  never negative and has the lowest variance of the two when p and r are close; k2 is biased
+  (its mean is the KL to second order) but has low variance.
 
   The clip is applied to the log ratio before any estimator (before k3's exp), so every value
   and gradient is finite for finite inputs: k3 <= e^M - M - 1 (4.9e8 at the default M = 20,
   a probability ratio of 4.9e8), and tokens beyond the clip get zero gradient. ``None``
   disables the clip; k3 then overflows to inf for d > ~88 in float32. k3 is summed as its
-  Taylor series for |d| < 0.5, so it keeps full relative precision near 0. Identical inputs give
-  exactly 0 (k2 and k3 with a gradient of exactly 0; k1's gradient is 1 for ``logp`` and -1 for
-  ``ref_logp`` everywhere inside the clip). Gradients flow into both arguments; stop the
-  reference's yourself (``jax.lax.stop_gradient``) if it is not frozen.
+  Taylor series for :math:`|d| < 0.5`, so it keeps full relative precision near 0. Identical
+  inputs give exactly 0 (k2 and k3 with a gradient of exactly 0; k1's gradient is 1 for
+  ``logp`` and -1 for ``ref_logp`` everywhere inside the clip). Gradients flow into both
+  arguments; stop the reference's yourself (``jax.lax.stop_gradient``) if it is not frozen.
 
   Only the sampled tokens' log-probs are wanted, not a full vocabulary: an input of rank >= 3
   whose last axis has >= 16384 entries (``VOCAB_LIKE_AXIS``, shorter than any production LM
@@ -98,7 +104,8 @@ def kl_estimate(logp: jax.typing.ArrayLike, ref_logp: jax.typing.ArrayLike, *,
     estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
     where: optional bool mask broadcastable to ``logp``'s shape: False positions give exactly 0
       and exactly zero gradient, even where their log-probs are NaN or -inf (padding).
-    max_log_ratio: M > 0 bounding |ref_logp - logp| (may be traced), or ``None`` for no clip.
+    max_log_ratio: M > 0 bounding :math:`|\text{ref\_logp} - \text{logp}|` (may be traced),
+      or ``None`` for no clip.
 
   Returns:
     float32 array of ``logp``'s shape (float64 for float64 inputs with x64 enabled), ready for

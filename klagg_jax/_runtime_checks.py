@@ -53,12 +53,12 @@ def _check_none(bad: jax.Array, message: str, **fmt: Any) -> None:
 
 def check_logits(logits: jax.typing.ArrayLike, *, where: jax.typing.ArrayLike | None = None,
                  name: str = "logits") -> jax.Array:
-  """Checks logits at valid positions for NaN and for rows that look like probabilities.
+  r"""Checks logits at valid positions for NaN and for rows that look like probabilities.
 
   Fails (through ``checkify``) where a valid position ``i`` (``where[i]``) has
   (a) a NaN entry: its divergence would be NaN (a diverged model); or
-  (b) V >= 2 entries all in [0, 1] with |sum_v x_{i,v} - 1| <= 1e-2: probabilities passed
-  as logits. softmax of values in [0, 1] is nearly uniform, so the KL would be silently far
+  (b) V >= 2 entries all in [0, 1] with :math:`|\sum_v x_{i,v} - 1| \le 10^{-2}`: probabilities
+  passed as logits. softmax of values in [0, 1] is nearly uniform, so the KL would be silently far
   too small; pass ``jnp.log(p)`` (log-probabilities are valid logits) instead.
   ``-inf`` entries, and rows that are all ``-inf``, are allowed (0 log 0 = 0).
 

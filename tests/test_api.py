@@ -1,4 +1,4 @@
-"""The public face: __all__ is what README's API table lists, and every name is documented."""
+"""The public face: __all__ is what README's API table and docs/api.md list, each name documented."""
 
 import inspect
 import pathlib
@@ -6,7 +6,8 @@ import re
 
 import klagg_jax as ka
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
 def readme_api_names() -> set[str]:
@@ -24,3 +25,9 @@ def test_every_public_name_is_importable_and_documented():
     obj = getattr(ka, name)
     doc = inspect.getdoc(obj) or ""
     assert "Returns" in doc and "Args" in doc, name
+
+
+def test_api_reference_documents_every_public_name():
+  text = (ROOT / "docs" / "api.md").read_text()
+  documented = set(re.findall(r"^\.\. auto(?:function|class):: (\w+)$", text, flags=re.M))
+  assert documented == set(ka.__all__)

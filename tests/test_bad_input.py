@@ -1,7 +1,7 @@
-"""README's "What you get on bad input" table, walked cell by cell.
+"""The table of docs/bad-input.md ("What you get on bad input"), walked cell by cell.
 
-Each cell of the table is registered here with its exact README text and a check of the
-behaviour it states; ``test_readme_table_is_the_tested_table`` keeps the README and this file
+Each cell of the table is registered here with its exact text and a check of the
+behaviour it states; ``test_readme_table_is_the_tested_table`` keeps that page and this file
 equal, and ``test_cell`` runs every check. Extend this file when a function joins the table.
 """
 
@@ -18,8 +18,8 @@ import pytest
 import klagg_jax as ka
 from klagg_jax import _reference as ref
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-SECTION = "## What you get on bad input"
+README = pathlib.Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
+SECTION = "# What you get on bad input"
 COLUMNS = ("`kl_per_position`", "`fused_linear_kl`", "`kl_topk`", "aggregators", "`kl_barrier`",
            "`kl_estimate`")
 NOT_APPLICABLE = "—"
