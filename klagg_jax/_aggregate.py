@@ -43,21 +43,31 @@ class _Rows:
   n: int
 
   def sum(self, v: jax.Array) -> jax.Array:
-    """Row sums of ``v`` [..., T], zero at positions in no row."""
+    """Row sums of ``v`` [..., T]; positions in no row are dropped."""
     if self.seg is None:
       return v.sum(-1, keepdims=True)
-    return jnp.where(_segments.one_hot(self.seg, self.n), v[..., None, :], 0).sum(-1)
+    return self._scatter(v, lambda acc, i, u: acc.at[i].add(u), 0)
 
   def max(self, v: jax.Array) -> jax.Array:
-    """Row maxima of ``v`` [..., T], -inf at positions in no row."""
+    """Row maxima of ``v`` [..., T], -inf for a row with no position."""
     if self.seg is None:
       return v.max(-1, keepdims=True)
-    return jnp.where(_segments.one_hot(self.seg, self.n), v[..., None, :], -jnp.inf).max(-1)
+    return self._scatter(v, lambda acc, i, u: acc.at[i].max(u), -jnp.inf)
 
   def any(self, v: jax.Array) -> jax.Array:
     if self.seg is None:
       return v.any(-1, keepdims=True)
-    return (_segments.one_hot(self.seg, self.n) & v[..., None, :]).any(-1)
+    return self.sum(v.astype(jnp.int32)) > 0
+
+  def _scatter(self, v: jax.Array, op: Callable, init: float) -> jax.Array:
+    # One scatter per row into n + 1 buckets (the last for positions in no row): O(T) work and
+    # memory whatever n is, where a one-hot [..., n, T] mask costs n times both.
+    def row(u, i):
+      return op(jnp.full((self.n + 1,), init, u.dtype), i, u)[:-1]
+
+    for _ in range(v.ndim - 1):
+      row = jax.vmap(row)
+    return row(v, self.seg)
 
   def spread(self, r: jax.Array) -> jax.Array:
     """Each position's row value, from ``r`` [..., rows] (no gradient is meant to flow here)."""
