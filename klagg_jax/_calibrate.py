@@ -264,7 +264,7 @@ def grad_pressure(loss_a: Callable[..., jax.Array], loss_b: Callable[..., jax.Ar
     # The batched pass multiplies one loss's infinite gradient by the other's zero cotangent
     # (0 * inf = NaN); a NaN norm is recomputed from each loss alone, which keeps inf as inf
     # and a genuine NaN as NaN. A rare path: lax.cond runs it only then.
-    return tuple(_global_norm(jax.grad(lambda p, f=f: f(p, *args))(params))
+    return tuple(_global_norm(jax.grad(lambda p, f=f: f(p, *args), allow_int=True)(params))
                  for f in (loss_a, loss_b))
 
   norms = jax.lax.cond(jnp.isnan(norms[0]) | jnp.isnan(norms[1]), apart, lambda _: norms, None)
