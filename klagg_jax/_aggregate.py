@@ -1,12 +1,19 @@
 """Masked aggregators over positions: one scalar per sequence (``axis=-1``) or per batch (``axis=None``).
 
-Every aggregator has the signature ``f(x, *, where=None, axis=-1, ...)``, computes in float32
-(float64 for float64 input), and follows four conventions:
+Every aggregator has the signature ``f(x, *, where=None, axis=-1, segment_ids=None,
+max_segments=None, ...)``, computes in float32 (float64 for float64 input), and follows four
+conventions:
 
 * an empty selection (no valid entry, or a zero-length axis) gives 0.0 with a zero gradient;
 * masked entries never reach the arithmetic, so NaN/inf padding is harmless;
 * a NaN among the valid entries gives NaN (emptiness is tested by equality, ``_numerics``);
 * gradients are finite everywhere on finite input, including at an all-zero input.
+
+Packed rows (``segment_ids``, 0 = padding) give one scalar per segment, ``[..., max_segments]``.
+Sums and maxima per segment are one scatter per row into ``max_segments + 1`` buckets; the
+sort-based aggregators sort each row once by the key (segment, value), so every segment's
+order statistics are contiguous: O(T log T) work and O(T) memory per row whatever the number of
+segments, where a ``[..., S, T]`` masked formulation would cost S times both.
 
 These functions know nothing of KL divergences; ``_barrier.py`` joins the two halves.
 """
@@ -46,28 +53,18 @@ class _Rows:
     """Row sums of ``v`` [..., T]; positions in no row are dropped."""
     if self.seg is None:
       return v.sum(-1, keepdims=True)
-    return self._scatter(v, lambda acc, i, u: acc.at[i].add(u), 0)
+    return _segments.scatter(v, self.seg, self.n, "add", 0)
 
   def max(self, v: jax.Array) -> jax.Array:
     """Row maxima of ``v`` [..., T], -inf for a row with no position."""
     if self.seg is None:
       return v.max(-1, keepdims=True)
-    return self._scatter(v, lambda acc, i, u: acc.at[i].max(u), -jnp.inf)
+    return _segments.scatter(v, self.seg, self.n, "max", -jnp.inf)
 
   def any(self, v: jax.Array) -> jax.Array:
     if self.seg is None:
       return v.any(-1, keepdims=True)
     return self.sum(v.astype(jnp.int32)) > 0
-
-  def _scatter(self, v: jax.Array, op: Callable, init: float) -> jax.Array:
-    # One scatter per row into n + 1 buckets (the last for positions in no row): O(T) work and
-    # memory whatever n is, where a one-hot [..., n, T] mask costs n times both.
-    def row(u, i):
-      return op(jnp.full((self.n + 1,), init, u.dtype), i, u)[:-1]
-
-    for _ in range(v.ndim - 1):
-      row = jax.vmap(row)
-    return row(v, self.seg)
 
   def spread(self, r: jax.Array) -> jax.Array:
     """Each position's row value, from ``r`` [..., rows] (no gradient is meant to flow here)."""

@@ -38,8 +38,13 @@ def check_addressable(fn: str, name: str, x: Any, what: str = "") -> None:
 
 
 def check_segment_ids(segment_ids: Any, shape: tuple[int, ...], what: str) -> jax.Array:
-  """Validates integer segment ids that broadcast to ``shape``; returns them broadcast, int32."""
-  seg = jnp.asarray(segment_ids)
+  """Validates integer segment ids that broadcast to ``shape``; returns them broadcast, int32.
+
+  Concrete ids come back as a numpy array, so that they stay concrete (and checkable) even as
+  constants of a function being traced; traced ids and ids that span processes as jax arrays.
+  """
+  concrete = not isinstance(segment_ids, jax.core.Tracer) and not spans_processes(segment_ids)
+  seg = np.asarray(jax.device_get(segment_ids)) if concrete else jnp.asarray(segment_ids)
   if not jnp.issubdtype(seg.dtype, jnp.integer):
     raise ValueError(
         f"segment_ids must be an integer array (0 = padding, 1..S = sequences); got dtype "
@@ -52,6 +57,8 @@ def check_segment_ids(segment_ids: Any, shape: tuple[int, ...], what: str) -> ja
     raise ValueError(
         f"segment_ids has shape {seg.shape}, which does not broadcast to {what} shape "
         f"{tuple(shape)}; expected the positions' shape.")
+  if concrete:
+    return np.broadcast_to(seg, shape).astype(np.int32)
   return jnp.broadcast_to(seg, shape).astype(jnp.int32)
 
 
@@ -80,7 +87,8 @@ def resolve_max_segments(seg: jax.Array, max_segments: Any) -> int:
     return count
   if seg.size == 0:
     return 1 if count is None else count
-  lo, hi = (int(v) for v in jax.device_get((seg.min(), seg.max())))
+  ids = np.asarray(jax.device_get(seg))
+  lo, hi = int(ids.min()), int(ids.max())
   if lo < 0:
     raise ValueError(f"segment_ids must be >= 0 (0 = padding, 1..S = sequences); got {lo}.")
   if count is None:
@@ -96,19 +104,25 @@ def check_concrete_nonnegative(seg: jax.Array) -> None:
   """For token-level use (ids only mark padding): concrete ids must be >= 0."""
   if isinstance(seg, jax.core.Tracer) or spans_processes(seg) or seg.size == 0:
     return
-  lo = int(jax.device_get(seg.min()))
+  lo = int(np.asarray(jax.device_get(seg)).min())
   if lo < 0:
     raise ValueError(f"segment_ids must be >= 0 (0 = padding, 1..S = sequences); got {lo}.")
 
 
-def one_hot(seg: jax.Array, count: int) -> jax.Array:
-  """Bool ``[..., count, T]``: position t belongs to segment k (0-based ids; others match none).
+def scatter(v: jax.Array, seg: jax.Array, count: int, op: str, init: float) -> jax.Array:
+  """``[..., count]``: ``op`` ("add" or "max") of ``v`` ``[..., T]`` over each segment's positions.
 
-  Reductions over it fuse into one pass over ``[..., T]`` per output column; nothing of size
-  ``count * T`` needs to be stored.
+  ``seg`` holds 0-based ids, ``count`` at positions in no segment (zero_based). One scatter
+  per row into count + 1 buckets (the last one dropped): O(T) work and memory whatever
+  ``count`` is, where a one-hot ``[..., count, T]`` mask costs ``count`` times both.
   """
-  shape = seg.shape[:-1] + (count, seg.shape[-1])
-  return seg[..., None, :] == jax.lax.broadcasted_iota(jnp.int32, shape, seg.ndim - 1)
+  def row(u, i):
+    acc = jnp.full((count + 1,), init, u.dtype)
+    return (acc.at[i].add(u) if op == "add" else acc.at[i].max(u))[:-1]
+
+  for _ in range(v.ndim - 1):
+    row = jax.vmap(row)
+  return row(v, seg)
 
 
 def zero_based(seg: jax.Array, mask: jax.Array | None, count: int) -> tuple[jax.Array, jax.Array]:
@@ -124,4 +138,4 @@ def zero_based(seg: jax.Array, mask: jax.Array | None, count: int) -> tuple[jax.
 
 def segment_any(valid: jax.Array, seg0: jax.Array, count: int) -> jax.Array:
   """``[..., count]``: whether each segment has a valid position (``seg0`` from zero_based)."""
-  return (one_hot(seg0, count) & valid[..., None, :]).any(-1)
+  return scatter(valid.astype(jnp.int32), seg0, count, "add", 0) > 0

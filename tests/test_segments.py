@@ -106,6 +106,11 @@ def test_eager_calls_read_max_segments_from_the_ids(rng):
   assert got.shape == (2, 3)  # the largest id
   np.testing.assert_allclose(got, ref.per_segment(ref.mean, x, SEGMENT_IDS, 3, where=WHERE),
                              rtol=1e-6)
+  # Ids that are constants of a jitted function are concrete too: read and checked at trace.
+  jitted = jax.jit(lambda v: ka.mean(v, where=WHERE, segment_ids=SEGMENT_IDS))(x)
+  np.testing.assert_array_equal(jitted.shape, (2, 3))
+  with pytest.raises(ValueError, match="id 3, above max_segments=2"):
+    jax.jit(lambda v: ka.mean(v, segment_ids=SEGMENT_IDS, max_segments=2))(x)
 
 
 def barrier_case(rng, vocab=6):
