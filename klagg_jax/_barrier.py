@@ -107,13 +107,14 @@ def kl_barrier(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *
 
   Returns:
     ``(loss, metrics)``: ``loss`` a float32 scalar; ``metrics`` float32 scalars without gradient:
-    ``div`` (the aggregate, averaged over valid sequences, or non-empty segments), ``kl_mean``, ``kl_rmse``, ``kl_p95``,
-    ``kl_max`` (aggregated the same way, whatever ``agg`` is), ``fired`` (fraction of valid
-    sequences with div > tau) and ``n_positions`` (valid positions). Under x64 with float64
-    inputs, loss and metrics are float64. A NaN divergence at a valid position makes the loss
-    and ``div``, ``kl_mean``, ``kl_rmse``, ``kl_p95``, ``kl_max`` NaN (a diverged student never
-    reads as a quiet barrier); an empty position axis (``[B, 0, V]``) or an all-False ``where``
-    gives a loss of 0 with zero gradient and zero metrics.
+    ``div`` (the aggregate, averaged over valid sequences, or non-empty segments),
+    ``kl_mean``, ``kl_rmse``, ``kl_p95``, ``kl_max`` (aggregated the same way, whatever ``agg``
+    is), ``fired`` (fraction of valid sequences with div > tau) and ``n_positions`` (valid
+    positions). Under x64 with float64 inputs, loss and metrics are float64. A NaN divergence
+    at a valid position makes the loss and ``div``, ``kl_mean``, ``kl_rmse``, ``kl_p95``,
+    ``kl_max`` NaN (a diverged student never reads as a quiet barrier); an empty position axis
+    (``[B, 0, V]``) or an all-False ``where`` gives a loss of 0 with zero gradient and zero
+    metrics.
 
   Raises:
     ValueError: for bad shapes or names (see :func:`kl_per_position`, :func:`aggregate`), an
