@@ -10,10 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 import klagg_jax as ka
 from klagg_jax import _reference as ref
 from klagg_jax import _segments
+from tests.helpers import x64
 
 T, S = 16, 4  # positions per row; output columns (one more than any row uses)
 # Row 0: segments of 5, 3 and 6 positions, then a padding tail of 2.
@@ -194,6 +196,17 @@ def test_callable_aggregator_receives_segment_ids(rng):
   x = packed_values(rng)
   got = ka.aggregate(x, my_agg, where=WHERE, segment_ids=SEGMENT_IDS)
   assert seen["max_segments"] == 3 and got.shape == (2, 3)
+
+
+@pytest.mark.parametrize("how", ["soft_p90", "smooth_max", "rmse", "cvar75"])
+def test_check_grads_float64_per_segment(how):
+  rng = np.random.default_rng(5)
+  with x64():
+    x = rng.random((2, T)) + 0.1  # distinct values: the sort-based ones are smooth here
+    f = jax.jit(lambda v: ka.aggregate(v, how, where=WHERE, segment_ids=SEGMENT_IDS,
+                                       max_segments=S))
+    assert f(x).dtype == jnp.float64
+    check_grads(f, (x,), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
 def test_jit_vmap_grad_invariance(rng):
