@@ -159,12 +159,20 @@ def _sort(x: jax.Array, mask: jax.Array, count: jax.Array, rows: _Rows) -> _Sort
   array (a per-segment sort would cost S times the work and memory).
   """
   values = _sharding.unshard(jnp.where(mask, x, jnp.inf), [-1])
-  iota = jax.lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
+  sharding = getattr(jax.typeof(values), "sharding", None)
+  iota = jax.lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1,
+                                  out_sharding=sharding)
+  # The permutation is sorted without a gradient, and the values gathered through it: the same
+  # gradient as sorting them, with the index array laid out like the values (sort's own
+  # derivative builds an unsharded one, which explicitly sharded values refuse).
+  plain = jax.lax.stop_gradient(values)
   if rows.seg is None:
-    xs = jnp.sort(values, axis=-1)
+    _, perm = jax.lax.sort((plain, iota), dimension=values.ndim - 1, num_keys=1)
+    xs = jnp.take_along_axis(values, perm, axis=-1)
     return _Sorted(xs, jnp.zeros_like(count), iota, count, iota < count, rows)
   keys = _sharding.unshard(rows.seg, [-1])
-  keys, xs = jax.lax.sort((keys, values), dimension=values.ndim - 1, num_keys=2)
+  keys, _, perm = jax.lax.sort((keys, plain, iota), dimension=values.ndim - 1, num_keys=2)
+  xs = jnp.take_along_axis(values, perm, axis=-1)
   start = jnp.cumsum(count, axis=-1) - count
   srows = _Rows(keys, rows.n)
   return _Sorted(xs, start, iota - srows.spread(start), srows.spread(count), keys < rows.n, srows)
