@@ -333,3 +333,20 @@ def test_spans_processes_predicate():
     _segments.check_addressable("f", "x", GlobalArray())
   with pytest.raises(ValueError, match="max_segments is required.*span several processes"):
     _segments.resolve_max_segments(GlobalArray(), None)
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (a batch-sharded mesh)")
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_batch_sharded_rows_give_what_one_device_gives(rng, axis_type):
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec
+  logits, ref_logits = barrier_case(rng)
+  f = jax.jit(jax.value_and_grad(lambda z, s: ka.kl_barrier(
+      z, ref_logits, where=WHERE, agg="p90", segment_ids=s, max_segments=S)[0]))
+  want, g_want = f(logits, SEGMENT_IDS)
+  mesh = jax.make_mesh((2,), ("b",), axis_types=(getattr(AxisType, axis_type),),
+                       devices=jax.devices()[:2])
+  with jax.set_mesh(mesh):
+    put = lambda v: jax.device_put(v, NamedSharding(mesh, PartitionSpec("b")))
+    got, g = f(put(logits), put(SEGMENT_IDS))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(g, g_want, rtol=1e-6, atol=1e-9)
