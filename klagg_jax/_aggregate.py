@@ -59,7 +59,9 @@ class _Rows:
     """Row maxima of ``v`` [..., T], -inf for a row with no position."""
     if self.seg is None:
       return v.max(-1, keepdims=True)
-    return _segments.scatter(v, self.seg, self.n, "max", -jnp.inf)
+    top = _segments.scatter(v, self.seg, self.n, "max", -jnp.inf)
+    # A scatter's max need not propagate NaN on every backend: make it explicit.
+    return jnp.where(self.any(jnp.isnan(v)), jnp.asarray(jnp.nan, top.dtype), top)
 
   def any(self, v: jax.Array) -> jax.Array:
     if self.seg is None:

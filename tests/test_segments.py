@@ -102,6 +102,24 @@ def test_packed_equals_unpacked_and_float64_reference(rng, name):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_nan_at_a_valid_position_gives_nan_for_its_segment_only(rng):
+  x = packed_values(rng)
+  dirty = x.copy()
+  dirty[0, 9] = np.nan  # segment 3 of row 0
+
+  @jax.jit
+  def run(v):
+    return {name: fn(v, where=WHERE, segment_ids=SEGMENT_IDS, max_segments=S, **kw)
+            for name, (fn, _, kw) in AGGREGATORS.items()}
+
+  clean, got = run(x), run(dirty)
+  for name in AGGREGATORS:
+    assert np.isnan(got[name][0, 2]), name
+    others = ~np.isnan(np.asarray(got[name]))
+    assert others.sum() == 2 * S - 1, name
+    np.testing.assert_array_equal(got[name][others], clean[name][others], err_msg=name)
+
+
 def test_eager_calls_read_max_segments_from_the_ids(rng):
   x = packed_values(rng)
   got = ka.mean(x, where=WHERE, segment_ids=SEGMENT_IDS)
