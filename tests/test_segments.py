@@ -141,7 +141,7 @@ def barrier_case(rng, vocab=6):
   return logits, ref_logits
 
 
-@pytest.mark.parametrize("agg", ["rmse", "cvar75", "max"])
+@pytest.mark.parametrize("agg", ["rmse", "cvar75"])
 def test_barrier_packed_equals_unpacked(rng, agg):
   logits, ref_logits = barrier_case(rng)
   index, valid = unpack_index()
