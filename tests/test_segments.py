@@ -216,7 +216,7 @@ def test_callable_aggregator_receives_segment_ids(rng):
   assert seen["max_segments"] == 3 and got.shape == (2, 3)
 
 
-@pytest.mark.parametrize("how", ["soft_p90", "smooth_max", "rmse", "cvar75"])
+@pytest.mark.parametrize("how", ["soft_p90", "smooth_max"])
 def test_check_grads_float64_per_segment(how):
   rng = np.random.default_rng(5)
   with x64():
@@ -229,7 +229,7 @@ def test_check_grads_float64_per_segment(how):
 
 def test_jit_vmap_grad_invariance(rng):
   x = packed_values(rng)
-  for how in ("rmse", "soft_p90"):
+  for how in ("soft_p90",):
     f = lambda v, s, m: ka.aggregate(v, how, where=m, segment_ids=s, max_segments=S)
     eager = f(x, SEGMENT_IDS, WHERE)
     np.testing.assert_allclose(jax.jit(f)(x, SEGMENT_IDS, WHERE), eager, rtol=1e-6, err_msg=how)
