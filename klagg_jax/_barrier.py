@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from klagg_jax import _aggregate, _checks, _divergence, _sharding
+from klagg_jax import _aggregate, _checks, _divergence, _segments, _sharding
 
 HINGES = ("relu", "squared", "softplus")
 
@@ -56,13 +56,22 @@ def kl_barrier(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *
                agg_kwargs: dict[str, Any] | None = None,
                hinge_kwargs: dict[str, Any] | None = None,
                partition: _sharding.Partition | None = None,
-               implementation: str | None = None
+               implementation: str | None = None,
+               segment_ids: jax.typing.ArrayLike | None = None,
+               max_segments: int | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Hinge penalty on an outlier-aware aggregate of the per-position divergence.
+  r"""Hinge penalty on an outlier-aware aggregate of the per-position divergence.
 
-  loss = lam * mean_s hinge(agg_t(div_{s,t}) - tau): per sequence s by default (``axis=-1``),
-  averaged over the sequences that have any valid position, so one looping sequence among many
-  is not diluted by a token-level mean; ``axis=None`` takes one aggregate over every valid token.
+  .. math::
+
+     \mathrm{loss} = \frac{\lambda}{|S|} \sum_{s \in S}
+       \mathrm{hinge}\big(\mathrm{agg}_t(\mathrm{div}_{s,t}) - \tau\big)
+
+  per sequence s by default (``axis=-1``), S the sequences that have any valid position, so
+  one looping sequence among many is not diluted by a token-level mean; ``axis=None`` takes one
+  aggregate over every valid token. With packed rows (``segment_ids``) each segment of a row is
+  a sequence: the result equals that of the same sequences unpacked, one per row, and padded
+  with ``where``.
 
   Args:
     logits: student logits ``[..., T, V]`` (e.g. ``[B, T, V]``).
@@ -86,20 +95,33 @@ def kl_barrier(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *
       :func:`kl_per_position`); the aggregation then sees only ``[..., T]`` per-position values.
     implementation: the per-position kernel: ``None``/``"chunked"`` (memory-bounded custom VJP)
       or ``"xla"`` (plain composition; supports forward-mode AD). See :func:`kl_per_position`.
+    segment_ids: optional int ``[..., T]`` for packed rows (the MaxText / tunix / Levanter
+      convention): 0 marks padding, 1..S the sequences of a row. Padding positions are masked
+      (exactly zero gradient, whatever their logits hold). With ``axis=-1`` each segment is
+      hinged on its own and the metrics average over the non-empty segments; with
+      ``axis=None`` the ids only mask padding. A callable ``agg`` receives ``segment_ids`` and
+      ``max_segments`` as keywords.
+    max_segments: static int >= 1, the most segments a row holds (required under ``jit`` with
+      ``segment_ids`` and ``axis=-1``; eager calls may omit it). Concrete ids above it raise;
+      traced ones are ignored as padding.
 
   Returns:
     ``(loss, metrics)``: ``loss`` a float32 scalar; ``metrics`` float32 scalars without gradient:
-    ``div`` (the aggregate, averaged over valid sequences), ``kl_mean``, ``kl_rmse``, ``kl_p95``,
-    ``kl_max`` (aggregated the same way, whatever ``agg`` is), ``fired`` (fraction of valid
-    sequences with div > tau) and ``n_positions`` (valid positions). Under x64 with float64
-    inputs, loss and metrics are float64. A NaN divergence at a valid position makes the loss
-    and ``div``, ``kl_mean``, ``kl_rmse``, ``kl_p95``, ``kl_max`` NaN (a diverged student never
-    reads as a quiet barrier); an empty position axis (``[B, 0, V]``) or an all-False ``where``
-    gives a loss of 0 with zero gradient and zero metrics.
+    ``div`` (the aggregate, averaged over valid sequences, or non-empty segments),
+    ``kl_mean``, ``kl_rmse``, ``kl_p95``, ``kl_max`` (aggregated the same way, whatever ``agg``
+    is), ``fired`` (fraction of valid sequences with div > tau) and ``n_positions`` (valid
+    positions). Under x64 with float64 inputs, loss and metrics are float64. A NaN divergence
+    at a valid position makes the loss and ``div``, ``kl_mean``, ``kl_rmse``, ``kl_p95``,
+    ``kl_max`` NaN (a diverged student never reads as a quiet barrier); an empty position axis
+    (``[B, 0, V]``) or an all-False ``where`` gives a loss of 0 with zero gradient and zero
+    metrics.
 
   Raises:
     ValueError: for bad shapes or names (see :func:`kl_per_position`, :func:`aggregate`), an
-      ``axis`` other than -1, ``logits.ndim - 2`` or None, or logits without a position axis.
+      ``axis`` other than -1, ``logits.ndim - 2`` or None, logits without a position axis, or
+      bad ``segment_ids`` / ``max_segments`` (non-integer ids, a shape that does not broadcast
+      to ``logits.shape[:-1]``, concrete ids outside 0..max_segments, or no ``max_segments``
+      for traced ids with ``axis=-1``).
 
   Example:
     >>> loss, metrics = ka.kl_barrier(logits, base_logits, where=mask, agg="rmse", tau=0.5)
@@ -110,6 +132,12 @@ def kl_barrier(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *
   axis = _position_axis(axis, logits.shape)
   aggregator = _aggregate.resolve(agg)
   agg_kwargs = dict(agg_kwargs or {})
+  segments = None
+  if segment_ids is not None:
+    # Padding joins the mask before the kernel, so its logits never reach a value or gradient.
+    where, segments = _pack(where, segment_ids, max_segments, logits.shape[:-1], axis)
+  elif max_segments is not None:
+    raise ValueError("max_segments was given without segment_ids; pass both, or neither.")
   kl = _divergence.per_position(logits, ref_logits, direction=direction, where=where,
                                 temperature=temperature, beta=beta, chunk_size=chunk_size,
                                 ref_grad=not stop_ref_grad, partition=partition,
@@ -117,7 +145,25 @@ def kl_barrier(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *
   mask = _checks.check_where(where, kl.shape, "positions (logits.shape[:-1])")
   mask = jnp.ones(kl.shape, bool) if mask is None else mask
   return _from_divergence(kl, mask, aggregator, tau=tau, lam=lam, axis=axis, hinge=hinge,
-                          agg_kwargs=agg_kwargs, hinge_kwargs=hinge_kwargs)
+                          agg_kwargs=agg_kwargs, hinge_kwargs=hinge_kwargs, segments=segments)
+
+
+def _pack(where: Any, segment_ids: Any, max_segments: Any, shape: tuple[int, ...],
+          axis: int | None) -> tuple[jax.Array, tuple[jax.Array, int] | None]:
+  """(``where`` with padding and out-of-range ids masked out; (ids, max_segments) or None).
+
+  With ``axis=None`` the ids only mask padding, and no segments are returned.
+  """
+  what = "positions (logits.shape[:-1])"
+  seg = _segments.check_segment_ids(segment_ids, shape, what)
+  mask = _checks.check_where(where, shape, what)
+  if axis is None:
+    _segments.check_concrete_nonnegative(seg)
+    in_row, segments = seg > 0, None
+  else:
+    count = _segments.resolve_max_segments(seg, max_segments)
+    in_row, segments = (seg >= 1) & (seg <= count), (seg, count)
+  return (in_row if mask is None else mask & in_row), segments
 
 
 def _position_axis(axis: Any, shape: tuple[int, ...]) -> int | None:
@@ -135,17 +181,25 @@ def _position_axis(axis: Any, shape: tuple[int, ...]) -> int | None:
 def _from_divergence(kl: jax.Array, mask: jax.Array, aggregator: _aggregate.Aggregator, *,
                      tau: float | jax.Array, lam: float | jax.Array, axis: int | None,
                      hinge: str, agg_kwargs: dict[str, Any],
-                     hinge_kwargs: dict[str, Any] | None
+                     hinge_kwargs: dict[str, Any] | None,
+                     segments: tuple[jax.Array, int] | None = None
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The barrier's second half, from per-position divergences ``kl`` ``[..., T]`` and a bool mask.
 
   Everything is in ``kl``'s dtype (float32, or float64 under x64 with float64 inputs). A NaN at
   a valid position reaches the loss and every aggregate metric (``fired`` counts it as not
-  fired); an empty position axis or selection gives a loss of 0 and zero metrics.
+  fired); an empty position axis or selection gives a loss of 0 and zero metrics. With
+  ``segments`` (ids ``[..., T]``, max_segments) every aggregate is per segment, ``[..., S]``.
   """
   dtype = kl.dtype
-  div = aggregator(kl, where=mask, axis=axis, **agg_kwargs)
-  seq_valid = mask.any(-1) if axis == -1 else mask.any()
+  if segments is None:
+    by_rows = {}
+    seq_valid = mask.any(-1) if axis == -1 else mask.any()
+  else:
+    seg, count = segments
+    by_rows = {"segment_ids": seg, "max_segments": count}
+    seq_valid = _segments.segment_any(mask, _segments.zero_based(seg, mask, count)[0], count)
+  div = _aggregate.aggregate(kl, aggregator, where=mask, axis=axis, **by_rows, **agg_kwargs)
   n_seq = jnp.maximum(seq_valid.sum(), 1).astype(dtype)
 
   def over_sequences(v):
@@ -158,7 +212,8 @@ def _from_divergence(kl: jax.Array, mask: jax.Array, aggregator: _aggregate.Aggr
   watch = {"kl_mean": "mean", "kl_rmse": "rmse", "kl_p95": "p95", "kl_max": "max"}
   metrics = {"div": over_sequences(div_ng)}
   for name, how in watch.items():
-    metrics[name] = over_sequences(_aggregate.aggregate(kl_ng, how, where=mask, axis=axis))
+    metrics[name] = over_sequences(
+        _aggregate.aggregate(kl_ng, how, where=mask, axis=axis, **by_rows))
   metrics["fired"] = over_sequences((div_ng > tau).astype(dtype))
   metrics["n_positions"] = mask.sum().astype(dtype)
   metrics = {k: jax.lax.stop_gradient(v.astype(dtype)) for k, v in metrics.items()}

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from klagg_jax import _aggregate, _checks, _numerics
+from klagg_jax import _aggregate, _checks, _numerics, _scaling, _segments
 
 SEPARATION_AGGS = ("mean", "rmse", "p95", "max", "soft_p95", "cvar95")
 
@@ -25,13 +25,33 @@ def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
   return jnp.where(zero, jnp.where(_numerics.is_zero(num), 0.0, num * jnp.inf), ratio)
 
 
+def _per_sequence(kl: jax.Array, how: str | _aggregate.Aggregator, mask: jax.Array | None,
+                  seg: Any, max_segments: Any, **agg_kwargs: Any) -> tuple[jax.Array, jax.Array]:
+  """(per-sequence aggregates, which of them have a valid position): one per row of ``kl``, or
+  one per segment of each row with ``seg`` (then ``[..., max_segments]``)."""
+  if seg is None:
+    per_seq = _aggregate.aggregate(kl, how, where=mask, axis=-1, **agg_kwargs)
+    return per_seq, (jnp.ones(kl.shape[:-1], bool) if mask is None else mask.any(-1))
+  seg = _segments.check_segment_ids(seg, kl.shape, "kl")
+  count = _segments.resolve_max_segments(seg, max_segments)
+  seg0, valid = _segments.zero_based(seg, mask, count)
+  per_seq = _aggregate.aggregate(kl, how, where=mask, axis=-1, segment_ids=seg,
+                                 max_segments=count, **agg_kwargs)
+  return per_seq, _segments.segment_any(valid, seg0, count)
+
+
 def calibrate_tau(kl_pos: jax.typing.ArrayLike, *, agg: str | _aggregate.Aggregator,
                   where: jax.typing.ArrayLike | None = None, fire_rate: float = 0.05,
-                  **agg_kwargs: Any) -> jax.Array:
-  """The tau at which a per-sequence barrier fires on about ``fire_rate`` of known-good sequences.
+                  segment_ids: jax.typing.ArrayLike | None = None,
+                  max_segments: int | None = None, **agg_kwargs: Any) -> jax.Array:
+  r"""The tau at which a per-sequence barrier fires on about ``fire_rate`` of known-good sequences.
 
-  tau = quantile_{1 - fire_rate}({agg_t(kl_{s,t}) : sequences s with a valid position}), the
-  linear-interpolation quantile (:func:`klagg_jax.quantile`) of the per-sequence aggregates that
+  .. math::
+
+     \tau = Q_{1 - \mathrm{fire\_rate}}\big(\{\mathrm{agg}_t(\mathrm{kl}_{s,t}) :
+       s \text{ a sequence with a valid position}\}\big)
+
+  the linear-interpolation quantile (:func:`klagg_jax.quantile`) of the per-sequence aggregates that
   :func:`klagg_jax.kl_barrier` computes with ``axis=-1``. Of those n sequences, the fraction with
   aggregate > tau is (n - 1 - floor((1 - fire_rate) (n - 1))) / n when the aggregates are
   distinct: within 1/n of ``fire_rate`` (5 of 100 at the default 0.05).
@@ -49,6 +69,10 @@ def calibrate_tau(kl_pos: jax.typing.ArrayLike, *, agg: str | _aggregate.Aggrega
     where: optional bool mask broadcastable to ``kl_pos`` (e.g. completion tokens); sequences
       with no valid position are left out.
     fire_rate: static target fraction of sequences with aggregate > tau, in (0, 1).
+    segment_ids: optional int ids broadcastable to ``kl_pos`` for packed rows (0 = padding,
+      1..S = sequences): each non-empty segment counts as one sequence.
+    max_segments: static int, the most segments a row holds; required under ``jit`` with
+      ``segment_ids`` (see :func:`klagg_jax.aggregate`).
     **agg_kwargs: passed to the aggregator (e.g. ``temperature`` for ``"smooth_max"``).
 
   Returns:
@@ -56,7 +80,10 @@ def calibrate_tau(kl_pos: jax.typing.ArrayLike, *, agg: str | _aggregate.Aggrega
 
   Raises:
     ValueError: for ``fire_rate`` outside (0, 1), ``kl_pos`` without a position axis, or the
-      errors of :func:`klagg_jax.aggregate`.
+      errors of :func:`klagg_jax.aggregate` (bad ``segment_ids`` / ``max_segments`` included).
+
+  Works on arrays that span several processes (a global ``jax.Array``), as any jitted
+  computation does; with ``segment_ids`` there, pass ``max_segments``.
 
   Example:
     >>> tau = ka.calibrate_tau(ka.kl_per_position(logits, base_logits), agg="rmse", where=mask)
@@ -68,8 +95,7 @@ def calibrate_tau(kl_pos: jax.typing.ArrayLike, *, agg: str | _aggregate.Aggrega
     raise ValueError(
         f"kl_pos must have a position axis (shape [..., T]); got shape {kl_pos.shape}.")
   mask = _checks.check_where(where, kl_pos.shape, "kl_pos")
-  per_seq = _aggregate.aggregate(kl_pos, agg, where=mask, axis=-1, **agg_kwargs)
-  seq_valid = None if mask is None else mask.any(-1)
+  per_seq, seq_valid = _per_sequence(kl_pos, agg, mask, segment_ids, max_segments, **agg_kwargs)
   return _aggregate.quantile(per_seq, 1.0 - fire_rate, where=seq_valid, axis=None)
 
 
@@ -77,7 +103,10 @@ def separation(kl_a: jax.typing.ArrayLike, kl_b: jax.typing.ArrayLike, *,
                aggs: Sequence[str | _aggregate.Aggregator] | Mapping[str, Any] = SEPARATION_AGGS,
                where_a: jax.typing.ArrayLike | None = None,
                where_b: jax.typing.ArrayLike | None = None,
-               axis: int | None = None) -> dict[str, dict[str, float]]:
+               axis: int | None = None,
+               segment_ids_a: jax.typing.ArrayLike | None = None,
+               segment_ids_b: jax.typing.ArrayLike | None = None
+               ) -> dict[str, dict[str, float]]:
   """Each aggregator's value on two groups of per-position KL, and their ratio b / a.
 
   ratio = agg(kl_b) / agg(kl_a): with ``a`` a coherent (acceptable) group and ``b`` an
@@ -103,6 +132,10 @@ def separation(kl_a: jax.typing.ArrayLike, kl_b: jax.typing.ArrayLike, *,
       group's last axis, e.g. 1 for ``[B, T]``): per-sequence aggregates, averaged over the
       group's sequences that have a valid position: the ``div`` that
       :func:`klagg_jax.kl_barrier` logs.
+    segment_ids_a: optional int ids broadcastable to ``kl_a`` for packed rows (0 = padding,
+      1..S = sequences): with ``axis=-1`` each non-empty segment counts as one sequence; with
+      ``axis=None`` the ids only mask padding.
+    segment_ids_b: the same for ``kl_b``.
 
   Returns:
     ``{label: {"a": float, "b": float, "ratio": float}}`` in the order of ``aggs``, Python
@@ -110,14 +143,18 @@ def separation(kl_a: jax.typing.ArrayLike, kl_b: jax.typing.ArrayLike, *,
 
   Raises:
     ValueError: for an ``axis`` other than None or the last axis, an unknown aggregator, a bad
-      mask, or a traced input (under ``jax.jit``, ``vmap`` or ``grad``: the result is Python
-      floats).
+      mask or bad segment ids, a traced input (under ``jax.jit``, ``vmap`` or ``grad``: the
+      result is Python floats), or an input that spans several processes (gather it first,
+      e.g. with ``jax.experimental.multihost_utils.process_allgather``).
 
   Example:
     >>> for name, s in ka.separation(kl_good, kl_looping).items():
     ...   print(f"{name:>8} {s['a']:.3f} {s['b']:.3f} {s['ratio']:.1f}x")
   """
-  for name, value in (("kl_a", kl_a), ("kl_b", kl_b), ("where_a", where_a), ("where_b", where_b)):
+  inputs = (("kl_a", kl_a), ("kl_b", kl_b), ("where_a", where_a), ("where_b", where_b),
+            ("segment_ids_a", segment_ids_a), ("segment_ids_b", segment_ids_b))
+  for name, value in inputs:
+    _segments.check_addressable("separation", name, value, "it returns Python floats")
     if isinstance(value, jax.core.Tracer):
       raise ValueError(
           f"separation returns Python floats, so it runs outside jax.jit / vmap / grad; got a "
@@ -130,7 +167,7 @@ def separation(kl_a: jax.typing.ArrayLike, kl_b: jax.typing.ArrayLike, *,
     aggs = {(how if isinstance(how, str) else getattr(how, "__name__", repr(how))): how
             for how in aggs}
 
-  def group(kl, where):
+  def group(kl, where, seg):
     kl = jnp.asarray(kl)
     mask = _checks.check_where(where, kl.shape, "kl")
     if axis is not None and not (isinstance(axis, (int, np.integer)) and not isinstance(axis, bool)
@@ -138,17 +175,20 @@ def separation(kl_a: jax.typing.ArrayLike, kl_b: jax.typing.ArrayLike, *,
       raise ValueError(f"axis must be None (token level) or -1 (per sequence; {kl.ndim - 1}, the "
                        f"last axis of kl with shape {kl.shape}, means the same); got {axis!r}.")
     if axis is None or kl.ndim == 0:
-      return lambda how: _aggregate.aggregate(kl, how, where=mask, axis=None)
-    seq_valid = jnp.ones(kl.shape[:-1], bool) if mask is None else mask.any(-1)
-    n_seq = jnp.maximum(seq_valid.sum(), 1).astype(jnp.float32)
+      return lambda how: _aggregate.aggregate(kl, how, where=mask, axis=None, segment_ids=seg)
+    count = None
+    if seg is not None:  # eager: the number of segments is read from the ids
+      count = _segments.resolve_max_segments(
+          _segments.check_segment_ids(seg, kl.shape, "kl"), None)
 
     def over_sequences(how):
-      per_seq = _aggregate.aggregate(kl, how, where=mask, axis=-1)
+      per_seq, seq_valid = _per_sequence(kl, how, mask, seg, count)
+      n_seq = jnp.maximum(seq_valid.sum(), 1).astype(jnp.float32)
       return jnp.where(seq_valid, per_seq, 0.0).sum() / n_seq
 
     return over_sequences
 
-  agg_a, agg_b = group(kl_a, where_a), group(kl_b, where_b)
+  agg_a, agg_b = group(kl_a, where_a, segment_ids_a), group(kl_b, where_b, segment_ids_b)
   rows = []
   for how in aggs.values():
     a, b = agg_a(how), agg_b(how)
@@ -160,17 +200,20 @@ def separation(kl_a: jax.typing.ArrayLike, kl_b: jax.typing.ArrayLike, *,
 
 def _global_norm(tree: Any) -> jax.Array:
   """sqrt(sum of squares) over every leaf, in float32, scaled by the largest |entry| first so
-  that neither tiny (1e-30) nor huge (1e30) gradients underflow or overflow when squared.
-  Integer leaves (whose cotangents are ``float0``) count as 0."""
+  that neither tiny (1e-30) nor huge (1e38) gradients underflow or overflow when squared; the
+  division by that scale is exact in its power of two (``_scaling.divide``). An infinite entry
+  gives inf, a NaN NaN. Integer leaves (whose cotangents are ``float0``) count as 0."""
   leaves = [jnp.asarray(x).astype(jnp.float32) for x in jax.tree_util.tree_leaves(tree)
             if x.dtype != jax.dtypes.float0]
   if not leaves:
     return jnp.zeros((), jnp.float32)
   top = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0.0) for x in leaves]))
   flat = _numerics.is_zero(top)  # a NaN gradient is not "no gradient": it reaches the norm
-  scale = jnp.where(flat, 1.0, top)
-  total = sum(jnp.sum(jnp.square(x / scale)) for x in leaves)
-  return jnp.where(flat, 0.0, scale * jnp.sqrt(total))
+  infinite = top == jnp.inf
+  scale = jnp.where(flat | infinite, 1.0, top)
+  total = sum(jnp.sum(jnp.square(_scaling.divide(jnp.where(infinite, 0.0, x), scale)))
+              for x in leaves)
+  return jnp.where(infinite, jnp.inf, jnp.where(flat, 0.0, scale * jnp.sqrt(total)))
 
 
 def grad_pressure(loss_a: Callable[..., jax.Array], loss_b: Callable[..., jax.Array],
@@ -181,7 +224,9 @@ def grad_pressure(loss_a: Callable[..., jax.Array], loss_b: Callable[..., jax.Ar
   barrier and ``loss_b`` the SFT loss (g_bar / g_nll): >> 1 the barrier fights the fine-tuning,
   ~ 1 they are balanced, 0 the barrier is inert (it has not fired). Both losses
   share one forward pass. When ||grad loss_b|| is 0 the result is inf if ||grad loss_a|| > 0,
-  else 0.0 (both inert). A NaN in either gradient gives NaN (never a quiet 0: "inert").
+  else 0.0 (both inert). A NaN in either gradient gives NaN (never a quiet 0: "inert"); an
+  infinite entry makes its norm inf. Gradients up to float32's limit (1e38) give the exact
+  ratio, not 0 or inf.
   Works under ``jit``.
 
   Args:
@@ -213,5 +258,14 @@ def grad_pressure(loss_a: Callable[..., jax.Array], loss_b: Callable[..., jax.Ar
   # Both gradients from one batched backward pass: cotangents (1, 0) and (0, 1).
   basis = (jnp.array([1, 0], a.dtype), jnp.array([0, 1], b.dtype))
   (grads,) = jax.vmap(vjp)(basis)
-  norms = [_global_norm(jax.tree_util.tree_map(lambda g, i=i: g[i], grads)) for i in (0, 1)]
+  norms = tuple(_global_norm(jax.tree_util.tree_map(lambda g, i=i: g[i], grads)) for i in (0, 1))
+
+  def apart(_):
+    # The batched pass multiplies one loss's infinite gradient by the other's zero cotangent
+    # (0 * inf = NaN); a NaN norm is recomputed from each loss alone, which keeps inf as inf
+    # and a genuine NaN as NaN. A rare path: lax.cond runs it only then.
+    return tuple(_global_norm(jax.grad(lambda p, f=f: f(p, *args), allow_int=True)(params))
+                 for f in (loss_a, loss_b))
+
+  norms = jax.lax.cond(jnp.isnan(norms[0]) | jnp.isnan(norms[1]), apart, lambda _: norms, None)
   return _safe_ratio(*norms)

@@ -15,7 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from klagg_jax import _checks
+from klagg_jax import _checks, _numerics
 
 ESTIMATORS = ("k1", "k2", "k3")
 
@@ -97,6 +97,12 @@ def kl_estimate(logp: jax.typing.ArrayLike, ref_logp: jax.typing.ArrayLike, *,
   there; a NaN at a masked position gives exactly 0 and zero gradient. Log-probs above 0 (logits
   passed by mistake) are a value problem: :func:`klagg_jax.check_logprobs` finds them, opt-in.
 
+  A ``-inf`` log-prob is a token of probability 0. Where only one side is ``-inf`` the log
+  ratio is ``±inf`` and the clip bounds it (``±inf`` estimates without a clip). Where both are
+  ``-inf`` the token has no mass under either model, and its log ratio is taken as 0 (the
+  0 log 0 = 0 convention): every estimator gives exactly 0 there, with zero gradient, clipped
+  or not.
+
   Args:
     logp: the student's log-probabilities of the sampled tokens, e.g. ``[B, T]`` or ``[T]``,
       any float dtype.
@@ -136,7 +142,10 @@ def kl_estimate(logp: jax.typing.ArrayLike, ref_logp: jax.typing.ArrayLike, *,
   logp, ref_logp = logp.astype(dtype), ref_logp.astype(dtype)
   if mask is not None:  # padding (NaN, -inf) never reaches the arithmetic, nor its gradient
     logp, ref_logp = jnp.where(mask, logp, 0.0), jnp.where(mask, ref_logp, 0.0)
-  d = ref_logp - logp
+  # A token of probability 0 under both (both -inf) has no mass on either side: its log ratio
+  # is 0, as 0 log 0 = 0 everywhere else, not -inf - -inf = NaN.
+  both_empty = _numerics.is_empty_row(logp) & _numerics.is_empty_row(ref_logp)
+  d = jnp.where(both_empty, 0.0, ref_logp - logp)
   if max_log_ratio is not None:
     bound = jnp.asarray(max_log_ratio, dtype)
     d = jnp.clip(d, -bound, bound)

@@ -172,3 +172,21 @@ def kl_topk(logits, ref_logprobs, ref_indices, ref_tail=None, direction="forward
   student = np.concatenate([student_kept, student_tail[..., None]], axis=-1)
   teacher = np.concatenate([lr, teacher_tail[..., None]], axis=-1)
   return kl_per_position(student, teacher, direction, where=where, beta=beta)
+
+
+# ------------------------------------------------------------------------------------------------
+# Packed rows: an aggregator per segment.
+
+
+def per_segment(fn, x, segment_ids, max_segments, where=None, **kwargs) -> np.ndarray:
+  """``[..., max_segments]``: ``fn`` over the valid entries of each segment of each row of ``x``
+  ``[..., T]`` (segment k in column k - 1; 0.0 for a segment with no valid entry)."""
+  x = np.asarray(x, np.float64)
+  seg = np.broadcast_to(np.asarray(segment_ids), x.shape)
+  where = np.ones(x.shape, bool) if where is None else np.broadcast_to(where, x.shape)
+  out = np.zeros(x.shape[:-1] + (max_segments,), np.float64)
+  for idx in np.ndindex(*x.shape[:-1]):
+    for k in range(1, max_segments + 1):
+      values = x[idx][where[idx] & (seg[idx] == k)]
+      out[idx + (k - 1,)] = fn(values, axis=None, **kwargs) if values.size else 0.0
+  return out

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import klagg_jax as ka
+from klagg_jax import _segments
 
 VOCAB, POSITIONS = 200, 60
 LOOP_POSITIONS = (12, 13, 14, 15)
@@ -52,7 +53,22 @@ def per_position_kl() -> dict[str, np.ndarray]:
 
 
 def table(kl: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-  """Every aggregate of every student, plus the loop / trait separation ratio."""
+  """Every aggregate of every student, plus the loop / trait separation ratio.
+
+  Args:
+    kl: per-position KL ``[T]`` (or any shape, aggregated over every entry) for the students
+      ``"coherent trait"`` and ``"incoherent loop"``.
+
+  Returns:
+    ``{student: {column: float}}`` plus the row ``"sep ratio (loop/trait)"``, Python floats.
+
+  Raises:
+    ValueError: if an array spans several processes (the table is read back to this host:
+      gather it first, e.g. with ``jax.experimental.multihost_utils.process_allgather``).
+  """
+  for name, v in kl.items():
+    _segments.check_addressable("klagg_jax.diag.table", f"kl[{name!r}]", v,
+                                "the table is read back to this host")
   rows = {name: {c: float(ka.aggregate(jnp.asarray(v), c)) for c in COLUMNS}
           for name, v in kl.items()}
   trait, loop = rows["coherent trait"], rows["incoherent loop"]

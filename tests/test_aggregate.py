@@ -405,3 +405,46 @@ def test_property_nan_valid_is_nan_and_nan_masked_is_invisible(x, mask, i, j, va
       np.testing.assert_array_equal(dirty_v, clean_v, err_msg=where)
       np.testing.assert_array_equal(dirty_g, clean_g, err_msg=where)
       assert dirty_g[i, j] == 0.0, where
+
+
+# ------------------------------------------------------------------------------------------------
+# Reproducers of an adversarial search against float64.
+
+
+@pytest.mark.parametrize("q", [0.95, 0.999999, 0.9999999, 1.0 - 1e-9])
+def test_cvar_weights_sum_to_one_at_any_level(q):
+  """Near q = 1 the weights used q rounded to float32 in one place and the exact q in 1 - q:
+  cvar([1..5], 0.999999) read 5.0531, above the maximum, with a -0.013 gradient on the minimum."""
+  x = jnp.arange(1.0, 6.0)
+  value, g = jax.value_and_grad(lambda v: ka.cvar(v, q))(x)
+  assert 1.0 <= value <= 5.0
+  assert (g >= 0).all()
+  np.testing.assert_allclose(g.sum(), 1.0, rtol=1e-6)
+  want = ref.cvar(np.arange(1.0, 6.0), q)
+  np.testing.assert_allclose(value, want, rtol=1e-6)
+
+
+def test_values_near_float32_limit_are_finite_and_correct():
+  """x * x overflowed (rmse([2e19]) = inf); 1 / max is subnormal near 1e38, and a backend that
+  flushes it to zero read 0.0 (power_mean, smooth_max with a huge temperature)."""
+  cases = [
+      (lambda v: ka.rmse(v), [2e19], 2e19),
+      (lambda v: ka.rmse(v, eps=0.0), [3e38, 1e38], np.sqrt((9 + 1) / 2) * 1e38),
+      (lambda v: ka.power_mean(v, 2.0), [1e38, 5e37], np.sqrt((1 + 0.25) / 2) * 1e38),
+      (lambda v: ka.power_mean(v, 3.0), [3.4e38, 1.0], 3.4e38 / 2 ** (1 / 3)),
+      (lambda v: ka.smooth_max(v, 1e38), [1.0, 2.0], 1.5),
+      (lambda v: ka.smooth_max(v, 3e38), [-1.0, 5.0, 2.0], 2.0),
+      (lambda v: ka.cvar(v, 0.5), [3e38, 1e38, 2e38, 3.3e38], 3.15e38),
+  ]
+  for fn, x, want in cases:
+    value, g = jax.jit(jax.value_and_grad(fn))(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(value, want, rtol=1e-6)
+    assert np.isfinite(g).all()
+
+
+def test_an_infinite_entry_gives_inf_and_a_finite_gradient():
+  x = jnp.array([1.0, jnp.inf, 2.0])
+  for how in ("mean", "rmse", "max", "smooth_max", "power_mean", "cvar50"):
+    assert ka.aggregate(x, how, **kwargs_for(how)) == np.inf, how
+  for how in ("rmse", "smooth_max", "power_mean"):
+    assert not np.isnan(jax.grad(lambda v: ka.aggregate(v, how, **kwargs_for(how)))(x)).any(), how

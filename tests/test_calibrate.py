@@ -273,3 +273,28 @@ def test_separation_ratio_of_a_nan_is_nan():
   got = ka.separation(np.zeros(4), np.array([1.0, np.nan, 0.0, 2.0]), aggs=("mean", "rmse", "p95"))
   for row in got.values():
     assert np.isnan(row["b"]) and np.isnan(row["ratio"]), got
+
+
+def test_grad_pressure_near_float32_limit_and_with_an_infinite_entry():
+  """1e38 gradients: 1 / max is subnormal, and a backend that flushes it read 0 pressure.
+  An infinite gradient entry: the batched backward pass made it 0 * inf = NaN."""
+  w = jnp.ones(3)
+  big = lambda s: (lambda p: s * jnp.sum(p))  # ||g|| = sqrt(3) s
+  np.testing.assert_allclose(ka.grad_pressure(big(1e38), big(2e37), w), 5.0, rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(lambda p: ka.grad_pressure(big(1.5e38), big(1.0), p))(w),
+                             1.5e38, rtol=1e-6)
+  inf_entry = lambda p: jnp.sum(p * jnp.array([jnp.inf, 1.0, 1.0]))
+  assert ka.grad_pressure(inf_entry, big(1.0), w) == np.inf
+  assert ka.grad_pressure(big(1.0), inf_entry, w) == 0.0
+  nan_entry = lambda p: jnp.sum(p * jnp.array([jnp.nan, 1.0, 1.0]))
+  assert np.isnan(ka.grad_pressure(nan_entry, big(1.0), w))
+
+
+def test_separation_refuses_arrays_that_span_processes():
+  class GlobalArray:  # a stand-in: one process cannot build an array sharded over two
+    is_fully_addressable = False
+
+  for kw in ({"kl_a": GlobalArray(), "kl_b": jnp.ones(3)},
+             {"kl_a": jnp.ones(3), "kl_b": jnp.ones(3), "segment_ids_b": GlobalArray()}):
+    with pytest.raises(ValueError, match="spans several processes.*process_allgather"):
+      ka.separation(**kw)

@@ -39,3 +39,16 @@ def test_readme_quotes_the_current_table():
   table = diag.render(diag.table(diag.per_position_kl()), 0.5).split("\n\n")[0]
   for row in table.splitlines()[2:]:
     assert row in readme, row
+
+
+def test_table_refuses_an_array_that_spans_processes():
+  """The table is read back to this host: an array with shards on other processes (here a
+  stand-in: one process cannot build one) gets an error saying what to gather."""
+
+  class GlobalArray:
+    is_fully_addressable = False
+
+  kl = diag.per_position_kl()
+  kl["incoherent loop"] = GlobalArray()
+  with pytest.raises(ValueError, match="spans several processes.*process_allgather"):
+    diag.table(kl)

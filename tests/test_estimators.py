@@ -306,3 +306,20 @@ def test_k3_of_an_infinite_log_ratio_is_inf_not_nan():
   g = jax.grad(lambda a: ka.kl_estimate(a, ref_logp, max_log_ratio=None)[2])(logp)
   np.testing.assert_array_equal(g, 0.0)  # the other positions' gradients stay clean
   assert np.isnan(ka.kl_estimate(jnp.float32(jnp.nan), jnp.float32(-1.0), max_log_ratio=None))
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("max_log_ratio", [20.0, None])
+def test_both_logprobs_minus_inf_give_zero_with_zero_gradient(estimator, max_log_ratio):
+  """A token of probability 0 under both models: log ratio 0 (0 log 0 = 0), not -inf - -inf."""
+  logp = jnp.array([-jnp.inf, -1.0], jnp.float32)
+  ref_logp = jnp.array([-jnp.inf, -1.5], jnp.float32)
+  f = lambda a, b: ka.kl_estimate(a, b, estimator=estimator, max_log_ratio=max_log_ratio)
+  got = f(logp, ref_logp)
+  assert got[0] == 0.0 and np.isfinite(got[1])
+  ga, gb = jax.grad(lambda a, b: f(a, b)[0], argnums=(0, 1))(logp, ref_logp)
+  np.testing.assert_array_equal(ga, 0.0)
+  np.testing.assert_array_equal(gb, 0.0)
+  # One side alone at -inf still gives the clipped (or infinite) ratio, never 0.
+  one = f(jnp.array([-1.0]), jnp.array([-jnp.inf]))
+  assert one[0] != 0.0 and not np.isnan(one[0])
