@@ -328,7 +328,7 @@ def barrier_inf_entry_is_finite():
   assert np.isfinite(loss) and np.isfinite(g).all()
 
 
-@cell(ROW, "`kl_estimate`", "clipped to ±`max_log_ratio`: finite (`+inf` with None)")
+@cell(ROW, "`kl_estimate`", "clipped to ±`max_log_ratio`: finite (`+inf` with None); both `-inf`: 0, zero gradient")
 def estimate_inf_logprob_is_clipped():
   logp = np.array([[-1.0, -np.inf, -1.0]], np.float32)
   ref_logp = np.array([[-np.inf, -1.0, -1.0]], np.float32)
@@ -338,6 +338,12 @@ def estimate_inf_logprob_is_clipped():
   assert np.isfinite(got) and np.isfinite(g).all()
   unclipped = ka.kl_estimate(logp, ref_logp, max_log_ratio=None)
   np.testing.assert_array_equal(unclipped[0, :2], np.inf)
+  both = np.full((1, 2), -np.inf, np.float32)  # a token of probability 0 under both models
+  for clip in (20.0, None):
+    for estimator in ("k1", "k2", "k3"):
+      f = lambda x: ka.kl_estimate(x, both, estimator=estimator, max_log_ratio=clip).sum()
+      value, g = jax.value_and_grad(f)(both)
+      assert value == 0.0 and (np.asarray(g) == 0.0).all()
 
 
 # ------------------------------------------------------------------------------------------------
