@@ -17,9 +17,6 @@ from typing import Any
 import jax
 import numpy as np
 
-# Arguments read as static Python numbers when given as concrete 0-d arrays (as they would be
-# without the wrapper: a concrete array is static at trace time).
-_SCALARS = ("temperature",)
 
 
 def _is_array(x: Any) -> bool:
@@ -43,8 +40,9 @@ def jit_when_eager(fn: Callable) -> Callable:
       return fn(*args, **kwargs)
     dynamic, static = {}, {}
     for name, value in values.items():
-      if name in _SCALARS and _is_array(value) and np.ndim(value) == 0:
-        value = float(value)
+      if _is_array(value) and np.ndim(value) == 0:
+        # A concrete scalar (a temperature, a numpy chunk size) is static, as it is unwrapped.
+        value = np.asarray(value).item()
       (dynamic if _is_array(value) else static)[name] = value
     try:
       hash(tuple(static.values()))

@@ -23,8 +23,8 @@ def check_softcap(name: str, value: Any) -> float | None:
   """Validates a static soft-cap: None or ``inf`` (no cap), else a number > 0."""
   if value is None:
     return None
-  v = _checks.concrete_float(value)
-  if v is None or isinstance(value, bool):
+  v = None if isinstance(value, (str, bool)) else _checks.concrete_float(value)
+  if v is None:
     raise ValueError(f"{name} must be None or a static Python number > 0; got {value!r}.")
   if not v > 0.0:
     raise ValueError(f"{name} must be > 0 (or None for no cap); got {v}.")

@@ -23,7 +23,7 @@ def _logits(hidden, weight, bias, mask, layout, precision):
   w = weight if layout == "dv" else weight.T
   z = jnp.matmul(h, w, precision=precision,
                  preferred_element_type=_checks.compute_dtype(hidden, weight))
-  return z if bias is None else z + bias.astype(z.dtype)
+  return z if bias is None else z + bias.astype(z.dtype)[None, :]
 
 
 def rows(hidden, weight, bias, ref_rows, ref_consts, mask, spec: FusedSpec, reduction):
