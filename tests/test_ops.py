@@ -19,6 +19,7 @@ from klagg_jax._ops import registry
 from klagg_jax._ops.divergence import api as divergence_api
 from klagg_jax._ops.fused import api as fused_api
 from klagg_jax._ops.topk import api as topk_api
+from tests.helpers import cap64, plain64
 
 DIV_IMPLS = sorted(divergence_api.IMPLEMENTATIONS)
 TOPK_IMPLS = sorted(topk_api.IMPLEMENTATIONS)
@@ -136,28 +137,6 @@ def test_js_matches_float64_at_extreme_beta(impl, beta, rng):
 # Soft-capping: equal to capping first, in value and gradient.
 
 
-def _cap64(z, cap):
-  return jnp.where(z == -jnp.inf, -jnp.inf, cap * jnp.tanh(jnp.where(z == -jnp.inf, 0.0, z) / cap))
-
-
-def _plain64(a, b, direction, beta=0.5):
-  """A float64 jax.numpy composition of the definition (its own, for reference gradients)."""
-  lp, lr = jax.nn.log_softmax(a), jax.nn.log_softmax(b)
-  def kl(x, y):
-    px = jnp.exp(x)
-    none = px == 0  # 0 log 0 = 0, by the double where (no 0 * inf in either branch)
-    return jnp.where(none, 0.0, px * (jnp.where(none, 0.0, x) - jnp.where(none, 0.0, y))).sum(-1)
-  if direction == "reverse":
-    return kl(lp, lr)
-  if direction == "forward":
-    return kl(lr, lp)
-  both = (lp == -jnp.inf) & (lr == -jnp.inf)  # logaddexp's gradient at (-inf, -inf) is NaN
-  lm = jnp.logaddexp(math.log1p(-beta) + jnp.where(both, 0.0, lp),
-                     math.log(beta) + jnp.where(both, 0.0, lr))
-  lm = jnp.where(both, -jnp.inf, lm)
-  return beta * kl(lr, lm) + (1 - beta) * kl(lp, lm)
-
-
 def _np_cap(z, cap):
   with np.errstate(invalid="ignore"):
     return np.where(z == -np.inf, -np.inf, cap * np.tanh(z / cap))
@@ -182,7 +161,7 @@ def test_softcap_equals_capping_first(impl, direction, rng):
   w = jnp.asarray(rng.uniform(size=3), jnp.float32)
   grads = vjp(w)
   with jax.enable_x64(True):
-    g = lambda x, y: _plain64(_cap64(x, cap) / temp, _cap64(y, ref_cap) / temp, direction)
+    g = lambda x, y: plain64(cap64(x, cap) / temp, cap64(y, ref_cap) / temp, direction)
     a64, b64 = (jnp.asarray(np.asarray(t, np.float64)) for t in (a32, b32))
     want, want_vjp = jax.vjp(g, a64, b64)
     want_grads = want_vjp(jnp.asarray(np.asarray(w, np.float64)))
@@ -223,7 +202,7 @@ def test_fused_softcap_equals_capping_first(impl, direction, rng):
     c64 = lambda t: jnp.asarray(np.asarray(t, np.float64))
     def g(h, w, b):
       z, zr = h @ w + b[None, :], c64(rh) @ c64(rw) + c64(bias)[None, :]
-      return _plain64(_cap64(z, cap), _cap64(zr, cap), direction).sum()
+      return plain64(cap64(z, cap), cap64(zr, cap), direction).sum()
     want, want_grads = jax.value_and_grad(g, (0, 1, 2))(c64(h), c64(w), c64(bias))
   np.testing.assert_allclose(value, want, rtol=2e-5)
   for got, exp in zip(grads, want_grads):

@@ -91,7 +91,8 @@ def check_indices_if_static(lead: tuple[int, ...], vocab: int, ref_indices: Any,
                             where: Any) -> None:
   """:func:`_check_indices_if_static` before any ``jit``, where the values are still concrete."""
   idx = jnp.asarray(ref_indices)
-  if not jnp.issubdtype(idx.dtype, jnp.integer) or idx.shape[:-1] != tuple(lead):
+  if (not jnp.issubdtype(idx.dtype, jnp.integer) or idx.shape[:-1] != tuple(lead)
+      or not 1 <= idx.shape[-1] <= vocab):
     return  # teacher_rows says what is wrong
   _check_indices_if_static(idx, _checks.check_where(where, lead, "positions (logits.shape[:-1])"),
                            vocab)
