@@ -10,6 +10,7 @@ logits-sized.
 from __future__ import annotations
 
 import math
+import pathlib
 import re
 
 import jax
@@ -24,6 +25,7 @@ import klagg_jax as ka
 if jax.device_count() < 8:  # conftest.py asks for 8 CPU devices; other backends may have fewer
   pytest.skip("needs 8 devices", allow_module_level=True)
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 B, T, V, D = 8, 16, 256, 24
 N_DEV = 8
 LOGITS_BLOCK = B * T * V // N_DEV  # one device's share of the logits

@@ -55,12 +55,15 @@ def apply(x: jax.Array, mask: jax.Array | None, cap: float | None, inv_temperatu
     slope = 1.0 if scale is None else scale
     return (x if scale is None else x * scale), slope
   banned = x == -jnp.inf  # by equality: NaN is capped (and stays NaN)
-  t = jnp.tanh(jnp.where(banned, 0.0, x) / cap)
-  y = jnp.where(banned, -jnp.inf, cap * t)
-  slope = jnp.where(banned, 0.0, 1.0 - t * t)
+  y = jnp.where(banned, -jnp.inf, cap * jnp.tanh(jnp.where(banned, 0.0, x) / cap))
   if scale is not None:
-    y, slope = y * scale, slope * scale
-  return y, slope
+    y = y * scale
+  # The slope is read off y (tanh' = 1 - tanh^2), so no second [rows, V] array stays live
+  # between a kernel's forward and backward halves.
+  unit = 1.0 / cap if scale is None else 1.0 / cap / scale
+  t = jnp.where(y == -jnp.inf, 0.0, y) * unit
+  slope = jnp.where(y == -jnp.inf, 0.0, 1.0 - t * t)
+  return y, (slope if scale is None else slope * scale)
 
 
 def transform(x: jax.Array, mask: jax.Array | None, cap: float | None, inv_temperature: Any,
