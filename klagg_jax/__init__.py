@@ -15,16 +15,16 @@ from klagg_jax._barrier import kl_barrier as kl_barrier
 from klagg_jax._calibrate import calibrate_tau as calibrate_tau
 from klagg_jax._calibrate import grad_pressure as grad_pressure
 from klagg_jax._calibrate import separation as separation
-from klagg_jax._divergence import kl_per_position as kl_per_position
+from klagg_jax._ops.divergence.api import kl_per_position as kl_per_position
 from klagg_jax._estimators import kl_estimate as kl_estimate
-from klagg_jax._fused import fused_linear_kl as fused_linear_kl
+from klagg_jax._ops.fused.api import fused_linear_kl as fused_linear_kl
 from klagg_jax._runtime_checks import check_logits as check_logits
 from klagg_jax._runtime_checks import check_logprobs as check_logprobs
 from klagg_jax._runtime_checks import check_topk as check_topk
 from klagg_jax._sharding import Partition as Partition
-from klagg_jax._topk import fused_linear_kl_topk as fused_linear_kl_topk
-from klagg_jax._topk import kl_topk as kl_topk
-from klagg_jax._topk import topk_logprobs as topk_logprobs
+from klagg_jax._ops.fused.api import fused_linear_kl_topk as fused_linear_kl_topk
+from klagg_jax._ops.topk.api import kl_topk as kl_topk
+from klagg_jax._ops.topk.api import topk_logprobs as topk_logprobs
 from klagg_jax._version import __version__ as __version__
 
 __all__ = [

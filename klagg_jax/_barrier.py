@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from klagg_jax import _aggregate, _checks, _divergence, _segments, _sharding
+from klagg_jax import _aggregate, _checks, _segments, _sharding
+from klagg_jax._ops.divergence import api as _divergence
 
 HINGES = ("relu", "squared", "softplus")
 
@@ -56,7 +57,8 @@ def kl_barrier(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *
                agg_kwargs: dict[str, Any] | None = None,
                hinge_kwargs: dict[str, Any] | None = None,
                partition: _sharding.Partition | None = None,
-               implementation: str | None = None,
+               implementation: str | None = None, softcap: float | None = None,
+               ref_softcap: float | None = None,
                segment_ids: jax.typing.ArrayLike | None = None,
                max_segments: int | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -104,6 +106,9 @@ def kl_barrier(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *
     max_segments: static int >= 1, the most segments a row holds (required under ``jit`` with
       ``segment_ids`` and ``axis=-1``; eager calls may omit it). Concrete ids above it raise;
       traced ones are ignored as padding.
+    softcap: None or a static cap c > 0 on the student's logits, c tanh(z / c) before the
+      temperature; ref_softcap: the reference's (None: ``softcap``; ``float("inf")``: uncapped).
+      See :func:`kl_per_position`.
 
   Returns:
     ``(loss, metrics)``: ``loss`` a float32 scalar; ``metrics`` float32 scalars without gradient:
@@ -141,7 +146,8 @@ def kl_barrier(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *
   kl = _divergence.per_position(logits, ref_logits, direction=direction, where=where,
                                 temperature=temperature, beta=beta, chunk_size=chunk_size,
                                 ref_grad=not stop_ref_grad, partition=partition,
-                                implementation=implementation)
+                                implementation=implementation, softcap=softcap,
+                                ref_softcap=ref_softcap)
   mask = _checks.check_where(where, kl.shape, "positions (logits.shape[:-1])")
   mask = jnp.ones(kl.shape, bool) if mask is None else mask
   return _from_divergence(kl, mask, aggregator, tau=tau, lam=lam, axis=axis, hinge=hinge,

@@ -75,29 +75,22 @@ PLATFORMS: dict[str, PlatformConfig] = {"cpu": CPU, "cuda": GPU, "rocm": GPU, "t
 DEFAULT = GPU
 
 
-IMPLEMENTATIONS = ("chunked", "xla")
+# Which implementation ``implementation=None`` runs, per platform and op: the first of the list
+# that can run (klagg_jax._ops.registry). Only memory-bounded implementations belong here (never
+# one that holds [N, V] float32 residuals, as "xla" does): "chunked" was the faster of the two
+# wherever measured (CPU; GPU at the device-sized blocks above). A "pallas" kernel goes first on
+# the platforms it supports.
+ORDER: dict[str, dict[str, tuple[str, ...]]] = {
+    "cpu": {"divergence": ("chunked",), "topk": ("chunked",), "fused": ("chunked",)},
+    "gpu": {"divergence": ("chunked",), "topk": ("chunked",), "fused": ("chunked",)},
+    "tpu": {"divergence": ("chunked",), "topk": ("chunked",), "fused": ("chunked",)},
+}
 
 
-def implementation(name: str | None) -> str:
-  """Validates ``implementation=`` and resolves None to the library's choice.
-
-  ``"chunked"``: the custom-VJP kernels that loop over blocks of positions (memory-bounded,
-  recomputing in the backward pass). ``"xla"``: the plain differentiable jax.numpy composition,
-  the reference, and the path for forward-mode AD (``jax.jvp``, ``jax.jacfwd``), which a custom
-  VJP does not support. None takes ``"chunked"`` on every platform: it was the faster of the two
-  wherever measured (CPU, and GPU at the device-sized blocks chosen here) and holds no ``[N, V]``
-  float32 residual. A ``"pallas"`` kernel would slot in here, tried first on the platforms it
-  supports.
-
-  Raises:
-    ValueError: for a name that is not None, ``"chunked"`` or ``"xla"``.
-  """
-  if name is None:
-    return "chunked"
-  if name not in IMPLEMENTATIONS:
-    raise ValueError(f"Unknown implementation {name!r}; expected None or one of "
-                     f"{', '.join(map(repr, IMPLEMENTATIONS))}.")
-  return name
+def implementations(op: str, config: PlatformConfig, *,
+                    available: tuple[str, ...]) -> tuple[str, ...]:
+  """The default order of ``op``'s implementations on ``config``'s platform (registered only)."""
+  return tuple(name for name in ORDER[config.name][op] if name in available)
 
 
 def per_platform(plan: Callable[[PlatformConfig], Hashable],

@@ -189,7 +189,10 @@ def check_topk(ref_logprobs: jax.typing.ArrayLike, ref_indices: jax.typing.Array
                        f"{positions}.")
   valid = _valid(where, positions, "positions (ref_logprobs.shape[:-1])")
   # Every static check is above; the value checks follow.
-  _check_none(valid & ((idx < 0) | (idx >= vocab)).any(-1),
+  # Compared in (at least) int32: V converted to a narrow index dtype would wrap (uint16 at
+  # V = 65536 gives 0, and every index would read as out of range).
+  wide = idx.astype(jnp.promote_types(idx.dtype, jnp.int32))
+  _check_none(valid & ((wide < 0) | (wide >= vocab)).any(-1),
               f"check_topk: ref_indices at valid position {{pos}} has an index outside "
               f"[0, {int(vocab)}).")
   order = jnp.sort(idx, axis=-1)

@@ -1,6 +1,7 @@
 """Small shared test utilities."""
 
 import contextlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -20,3 +21,26 @@ def x64():
 
 def random_logits(rng, shape, scale=2.0, dtype=np.float32):
   return (scale * rng.standard_normal(shape)).astype(dtype)
+
+
+def cap64(z, cap):
+  """The soft-cap c tanh(z / c) in jax.numpy, -inf kept (differentiable: double where)."""
+  return jnp.where(z == -jnp.inf, -jnp.inf, cap * jnp.tanh(jnp.where(z == -jnp.inf, 0.0, z) / cap))
+
+
+def plain64(a, b, direction, beta=0.5):
+  """A float64 jax.numpy composition of the definition (its own, for reference gradients)."""
+  lp, lr = jax.nn.log_softmax(a), jax.nn.log_softmax(b)
+  def kl(x, y):
+    px = jnp.exp(x)
+    none = px == 0  # 0 log 0 = 0, by the double where (no 0 * inf in either branch)
+    return jnp.where(none, 0.0, px * (jnp.where(none, 0.0, x) - jnp.where(none, 0.0, y))).sum(-1)
+  if direction == "reverse":
+    return kl(lp, lr)
+  if direction == "forward":
+    return kl(lr, lp)
+  both = (lp == -jnp.inf) & (lr == -jnp.inf)  # logaddexp's gradient at (-inf, -inf) is NaN
+  lm = jnp.logaddexp(math.log1p(-beta) + jnp.where(both, 0.0, lp),
+                     math.log(beta) + jnp.where(both, 0.0, lr))
+  lm = jnp.where(both, -jnp.inf, lm)
+  return beta * kl(lr, lm) + (1 - beta) * kl(lp, lm)

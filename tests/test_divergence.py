@@ -13,7 +13,8 @@ from jax.test_util import check_grads
 
 import klagg_jax as ka
 from klagg_jax import _reference as ref
-from tests.helpers import random_logits, to_f64, x64
+from klagg_jax._ops.divergence.api import IMPLEMENTATIONS
+from tests.helpers import plain64, random_logits, to_f64, x64
 
 DIRECTIONS = ("reverse", "forward", "js")
 DTYPES_ALL = ("float32", "bfloat16", "float16")
@@ -364,11 +365,12 @@ def test_traced_temperature_gradient_with_a_stopped_reference(direction):
 
 
 # ------------------------------------------------------------------------------------------------
-# implementation="xla": the plain composition equals the chunked kernel, and supports jvp.
+# Every registered implementation against the float64 truth; forward mode through "xla".
 
 
+@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_xla_implementation_equals_chunked_in_value_and_gradient(rng, direction):
+def test_every_implementation_matches_float64_in_value_and_gradient(rng, impl, direction):
   a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
   a[..., 3], b[..., 3] = -np.inf, -np.inf  # banned on both sides
   if direction == "reverse":
@@ -376,16 +378,18 @@ def test_xla_implementation_equals_chunked_in_value_and_gradient(rng, direction)
   mask = rng.random(SHAPE[:-1]) > 0.3
   a[~mask] = np.nan
   w = rng.standard_normal(SHAPE[:-1]).astype(np.float32)
-
-  def f(impl):
-    return lambda x, y: (w * ka.kl_per_position(x, y, direction=direction, where=mask, beta=0.3,
-                                                temperature=0.9, implementation=impl)).sum()
-
-  (v1, g1), (v2, g2) = (jax.value_and_grad(f(i), (0, 1))(a, b) for i in ("chunked", "xla"))
-  np.testing.assert_allclose(v2, v1, rtol=1e-5)
-  for x, y in zip(g2, g1):
-    assert np.isfinite(x).all()
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  f = lambda x, y: (w * ka.kl_per_position(x, y, direction=direction, where=mask, beta=0.3,
+                                           temperature=0.9, implementation=impl)).sum()
+  value, grads = jax.value_and_grad(f, (0, 1))(a, b)
+  with x64():
+    clean = [np.float64(np.where(mask[..., None], x, 0.0)) for x in (a, b)]  # as the kernels do
+    g = lambda x, y: (w * jnp.where(mask, plain64(x / 0.9, y / 0.9, direction, beta=0.3),
+                                   0.0)).sum()
+    want, want_grads = jax.value_and_grad(g, (0, 1))(*clean)
+  np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5)
+  for got, exp in zip(grads, want_grads):
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
@@ -401,7 +405,7 @@ def test_forward_mode_ad_through_the_xla_implementation(rng, direction):
     check_grads(lambda x: ka.kl_per_position(x, np.float64(b), direction=direction,
                                              implementation="xla"),
                 (np.float64(a),), order=2, modes=["fwd"], atol=1e-6, rtol=1e-6)
-  with pytest.raises(TypeError, match="custom_vjp"):  # the chunked kernel: reverse mode only
+  with pytest.raises(TypeError, match="implementation=\"xla\""):  # chunked: reverse mode only
     jax.jvp(lambda x: ka.kl_per_position(x, b, implementation="chunked"), (a,), (t,))
 
 

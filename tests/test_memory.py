@@ -34,16 +34,20 @@ def test_barrier_gradient_temp_is_under_15_percent_of_plain():
   assert temp_bytes(ours, (n, v), (n, v)) <= 0.15 * temp_bytes(plain, (n, v), (n, v))
 
 
-def test_fused_gradient_temp_is_under_a_quarter_of_one_logits_array():
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_fused_gradient_temp_is_under_a_quarter_of_one_logits_array(softcap):
   n, v, d = 8192, 32768, 512
-  grad = jax.grad(lambda h, w, rh, rw: ka.fused_linear_kl(h, w, rh, rw).sum(), (0, 1))
+  grad = jax.grad(lambda h, w, rh, rw: ka.fused_linear_kl(h, w, rh, rw, softcap=softcap).sum(),
+                  (0, 1))
   assert temp_bytes(grad, (n, d), (d, v), (n, d), (d, v)) < 0.25 * n * v * 4
 
 
-def test_fused_scalar_gradient_temp_is_under_15_percent_of_one_logits_array():
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_fused_scalar_gradient_temp_is_under_15_percent_of_one_logits_array(softcap):
   """reduction="mean": d weight accumulated in float32 plus one block's logits, never [N, V]."""
   n, v, d = 8192, 32768, 512
-  grad = jax.grad(lambda h, w, rh, rw: ka.fused_linear_kl(h, w, rh, rw, reduction="mean"), (0, 1))
+  grad = jax.grad(lambda h, w, rh, rw: ka.fused_linear_kl(h, w, rh, rw, reduction="mean",
+                                                          softcap=softcap), (0, 1))
   assert temp_bytes(grad, (n, d), (d, v), (n, d), (d, v)) <= 0.15 * n * v * 4
 
 

@@ -1,0 +1,1 @@
+"""The per-position divergence of two next-token distributions given as logits."""

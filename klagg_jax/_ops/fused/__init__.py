@@ -1,0 +1,1 @@
+"""Divergences fused with the LM head: the logits made block by block, never whole."""
