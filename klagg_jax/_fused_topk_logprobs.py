@@ -261,6 +261,12 @@ def _unreachable(cfg, residuals, g):  # the forward rule raises first
 _forward_only.defvjp(_no_gradient, _unreachable)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _compiled(hidden, weight, bias, *, cfg):
+  """One compiled program per configuration, eager calls included (inlined under ``jit``)."""
+  return _forward_only(hidden, weight, bias, cfg)
+
+
 # ------------------------------------------------------------------------------------------------
 # Public API.
 
@@ -363,8 +369,7 @@ def fused_linear_topk_logprobs(
                 weight_layout=weight_layout, precision=precision, chunk_size=chunks.rows,
                 vocab_axis=None if layout is None else layout.vocab)
 
-  def kernel(hidden, weight, bias):
-    return _forward_only(hidden, weight, bias, cfg)
+  kernel = functools.partial(_compiled, cfg=cfg)
 
   if layout is None:
     return kernel(hidden, weight, bias)

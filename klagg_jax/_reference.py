@@ -172,3 +172,16 @@ def kl_topk(logits, ref_logprobs, ref_indices, ref_tail=None, direction="forward
   student = np.concatenate([student_kept, student_tail[..., None]], axis=-1)
   teacher = np.concatenate([lr, teacher_tail[..., None]], axis=-1)
   return kl_per_position(student, teacher, direction, where=where, beta=beta)
+
+
+def linear_topk_logprobs(hidden, weight, k, bias=None, temperature=1.0, softcap=None,
+                         weight_layout="dv"):
+  """:func:`topk_logprobs` of hidden @ weight + bias in float64, soft-capped first when asked
+  (cap * tanh(z / cap), a -inf logit staying -inf)."""
+  h, w = np.asarray(hidden, np.float64), np.asarray(weight, np.float64)
+  z = h @ (w if weight_layout == "dv" else w.T)
+  if bias is not None:
+    z = z + np.asarray(bias, np.float64)
+  if softcap is not None:
+    z = np.where(z == -np.inf, z, softcap * np.tanh(z / softcap))
+  return topk_logprobs(z, k, temperature)
