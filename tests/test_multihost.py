@@ -62,6 +62,8 @@ def _worker(rank: int, port: int, out: pathlib.Path) -> None:
   except Exception:  # noqa: BLE001 -- reported to the parent, which fails with it
     record["error"] = traceback.format_exc()[-3000:]
   path.write_text(json.dumps(record))
+  if "error" in record:
+    sys.exit(1)
 
 
 def _inputs():
@@ -201,33 +203,75 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """Starts the two workers once; returns their records (or why there are none)."""
-  out = tmp_path_factory.mktemp("multihost")
+def _start_workers(out: pathlib.Path) -> dict:
+  """Runs the two workers to completion or the time cap; returns their records and logs."""
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-  env.pop("XLA_FLAGS", None)  # the workers' device count comes from jax_num_cpu_devices
+  # The workers' device count comes from jax_num_cpu_devices, not a caller's XLA_FLAGS.
   env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+  logs = [out / f"rank{rank}.log" for rank in range(PROCESSES)]
+  files = [log.open("w") for log in logs]
   procs = [subprocess.Popen([sys.executable, __file__, str(rank), str(port), str(out)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True) for rank in range(PROCESSES)]
-  deadline, logs, why = time.monotonic() + TIME_CAP_S, [], None
-  for proc in procs:
-    try:
-      logs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-    except subprocess.TimeoutExpired:
-      why = f"the workers ran past the {TIME_CAP_S} s cap and were killed"
+                            cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+           for rank, f in enumerate(files)]
+  deadline, why = time.monotonic() + TIME_CAP_S, None
+  # A worker that dies leaves the other waiting in a collective: stop it shortly after.
+  while any(p.poll() is None for p in procs):
+    failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+    if time.monotonic() > deadline or failed:
+      if not failed:
+        why = f"the workers ran past the {TIME_CAP_S} s cap and were killed"
+      else:
+        why = f"worker {failed[0]} exited with code {procs[failed[0]].returncode}"
+        time.sleep(2.0)
       for p in procs:
-        p.kill()
-      logs = [p.communicate()[0] for p in procs]
+        if p.poll() is None:
+          p.kill()
       break
+    time.sleep(0.2)
+  for p, f in zip(procs, files):
+    p.wait()
+    f.close()
   records = []
   for rank in range(PROCESSES):
     path = out / f"rank{rank}.json"
     records.append(json.loads(path.read_text()) if path.exists() else None)
-  return {"records": records, "why": why, "logs": [(log or "")[-3000:] for log in logs]}
+  return {"records": records, "why": why, "logs": [_log_tail(log) for log in logs]}
+
+
+def _log_tail(path: pathlib.Path) -> str:
+  """The end of a worker's log, without native stack frames."""
+  lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+  return "\n".join(line for line in lines if not line.startswith("    @"))[-3000:]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """The two workers' records, from one run per test session.
+
+  Under pytest-xdist this module's tests may land on several pytest workers: the first to
+  claim the shared directory runs the two processes, the others wait for its result file.
+  """
+  base = tmp_path_factory.getbasetemp()
+  shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "multihost"
+  shared.mkdir(exist_ok=True)
+  result = shared / "result.json"
+  try:
+    os.close(os.open(shared / "claimed", os.O_CREAT | os.O_EXCL))
+  except FileExistsError:
+    deadline = time.monotonic() + TIME_CAP_S + 60
+    while not result.exists() and time.monotonic() < deadline:
+      time.sleep(0.5)
+    if not result.exists():
+      return {"records": [None] * PROCESSES, "why": "another pytest worker's run never finished",
+              "logs": []}
+    return json.loads(result.read_text())
+  record = _start_workers(shared)
+  partial = shared / "result.partial"
+  partial.write_text(json.dumps(record))
+  partial.rename(result)  # atomic: a waiting worker never reads half a file
+  return record
 
 
 def _usable(run) -> list[dict]:
