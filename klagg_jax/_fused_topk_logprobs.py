@@ -65,12 +65,13 @@ class _Config:
   weight_layout: str
   precision: Any
   chunk_size: int | None  # the user's rows per block, validated
+  max_tile: int  # widest vocabulary tile
   vocab_axis: Any = None  # mesh axes of a vocabulary split inside shard_map
 
 
-def tile_width(vocab: int) -> int:
+def tile_width(vocab: int, max_tile: int) -> int:
   """Width of the vocabulary tiles for a (local) vocabulary of ``vocab`` entries."""
-  width, interleaved = plan_rows(vocab, _TILE)
+  width, interleaved = plan_rows(vocab, max_tile)
   return width if interleaved else vocab
 
 
@@ -117,13 +118,20 @@ def _select(pool_v: jax.Array, pool_i: jax.Array, ev_max: jax.Array, ev_sum: jax
   return kept_v, kept_i, ev_max, ev_sum
 
 
-def _fold_tile(state: State, z: jax.Array, index: jax.Array, k: int) -> State:
-  """Folds a ``[C, W]`` tile of logits whose global indices are ``index`` ``[W]`` (increasing)."""
+def _fold_tile(state: State, z: jax.Array, start: jax.Array | int, stride: int, k: int) -> State:
+  """Folds a ``[C, W]`` tile of logits whose column c is the vocabulary entry start + c stride.
+
+  (Indices are computed from the columns, never gathered from an index array: under GSPMD a
+  gather from a vocabulary-split array would move it.)
+  """
   width = z.shape[1]
   if k >= width:  # every entry is a candidate
-    return _merge(state, z, jnp.broadcast_to(index, z.shape), k)
-  values, pos = top_k_rows(z, k)
-  kth = values[:, -1:]
+    column = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1)
+    return _merge(state, z, start + column * stride, k)
+  values, pos = top_k_rows(z, k)  # two levels: GSPMD keeps a vocabulary-split tile split
+  # The smallest kept value, read by a reduction: a slice of the top-k output here would
+  # make XLA:CPU sort the whole tile instead of calling its top-k routine (4x slower).
+  kth = values.min(1, keepdims=True)
   beaten = ~(z >= kth)  # below the k-th value, or NaN
   tied_out = ((z >= kth).sum(1) - k).astype(z.dtype)  # entries equal to x_k left out
   out_max = jnp.where(tied_out > 0, kth[:, 0], jnp.where(beaten, z, -jnp.inf).max(1))
@@ -135,7 +143,7 @@ def _fold_tile(state: State, z: jax.Array, index: jax.Array, k: int) -> State:
 
   run_v, run_i, ev_max, ev_sum = state
   ev_max, ev_sum = _add_mass(ev_max, ev_sum, out_max, out_sum)
-  return _merge((run_v, run_i, ev_max, ev_sum), values, index[pos], k)
+  return _merge((run_v, run_i, ev_max, ev_sum), values, start + pos * stride, k)
 
 
 def _finish(state: State, vocab: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -189,20 +197,18 @@ def _fold_rows(h: jax.Array, weight: jax.Array, bias: jax.Array | None, offset: 
     return _cap_and_scale(linear_logits(h, w, b, cfg.weight_layout, cfg.precision), cfg)
 
   if n_tiles == 1:
-    index = offset + jnp.arange(width, dtype=jnp.int32)
-    return _fold_tile(state, logits(weight, bias), index, cfg.k)
+    return _fold_tile(state, logits(weight, bias), offset, 1, cfg.k)
   # Tile t holds the entries c * n_tiles + t: a free reshape, then an index along n_tiles.
   if cfg.weight_layout == "dv":
     w_view, w_axis = weight.reshape(weight.shape[0], tile, n_tiles), 2
   else:
     w_view, w_axis = weight.reshape(tile, n_tiles, weight.shape[1]), 1
   b_view = None if bias is None else bias.reshape(tile, n_tiles)
-  column = jnp.arange(tile, dtype=jnp.int32) * n_tiles
 
   def step(t, state):
     b = None if b_view is None else _tile_of(b_view, t, 1)
     z = logits(_tile_of(w_view, t, w_axis), b)
-    return _fold_tile(state, z, offset + column + t, cfg.k)
+    return _fold_tile(state, z, offset + t, n_tiles, cfg.k)
 
   state = jax.tree.map(_sharding.match_varying, state,
                        jax.eval_shape(step, jnp.int32(0), state))
@@ -229,7 +235,7 @@ def _local(hidden, weight, bias, *, cfg: _Config):
   n = math.prod(lead)
   width = weight.shape[1] if cfg.weight_layout == "dv" else weight.shape[0]
   offset = 0 if cfg.vocab_axis is None else jax.lax.axis_index(cfg.vocab_axis) * width
-  tile = tile_width(width)
+  tile = tile_width(width, cfg.max_tile)
   chunks = Chunking(cfg.chunk_size, _TILE_SHARE * tile, fused=True)
 
   def body(part, fresh, carry):
@@ -367,6 +373,7 @@ def fused_linear_topk_logprobs(
                              vocab_inputs=((weight, v_axis), (bias, 0)))
   cfg = _Config(k=k, vocab=vocab, inv_temperature=1.0 / temp, softcap=cap,
                 weight_layout=weight_layout, precision=precision, chunk_size=chunks.rows,
+                max_tile=_TILE,
                 vocab_axis=None if layout is None else layout.vocab)
 
   kernel = functools.partial(_compiled, cfg=cfg)
