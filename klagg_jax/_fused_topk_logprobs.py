@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 # Kept in a few lines so that they are easy to re-point.
 from klagg_jax import _checks, _config, _sharding
-from klagg_jax._chunked import Chunking, chunking, plan_rows, scan_row_chunks
+from klagg_jax._chunked import chunking, plan_rows, scan_row_chunks
 from klagg_jax._fused import WEIGHT_LAYOUTS, check_linear, linear_logits, resolve_precision
 from klagg_jax._fused import static_temperature
 from klagg_jax._numerics import stable_shift
@@ -53,6 +53,8 @@ _TILE = 4096
 # A [rows, tile] float32 tile is held at most this fraction of the platform's fused-head block
 # (the tile's logits, their exponentials and the two-level top-k's copies coexist).
 _TILE_SHARE = 8
+# Rows per block at least: each block's matmuls read the whole weight once.
+_MIN_ROWS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,22 +231,43 @@ def _merge_shards(state: State, axis_name: Any, k: int) -> State:
   return _select(values, indices, top, jax.lax.psum(local, axis_name), k)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Vocabulary tile width and rows per block, for one platform."""
+  tile: int
+  rows: int
+
+
+def _plan(config: _config.PlatformConfig, *, width: int, weight_16bit: bool,
+          cfg: _Config) -> _Plan:
+  # XLA:CPU slices a 16-bit array only after copying all of it (to float32, or to an integer
+  # view): a weight-sized temporary. There a 16-bit weight is taken whole, in blocks of rows.
+  whole = weight_16bit and config.int_view_16bit
+  tile = width if whole else tile_width(width, cfg.max_tile)
+  rows = cfg.chunk_size or max(_MIN_ROWS, config.fused_block_bytes // (_TILE_SHARE * 4 * tile))
+  return _Plan(tile, rows)
+
+
 def _local(hidden, weight, bias, *, cfg: _Config):
   """:func:`fused_linear_topk_logprobs` on (per-device) blocks."""
+  width = weight.shape[1] if cfg.weight_layout == "dv" else weight.shape[0]
+  plan = functools.partial(_plan, width=width, weight_16bit=_is_16bit_float(weight), cfg=cfg)
+  return _config.per_platform(plan, functools.partial(_run, cfg=cfg), hidden, weight, bias)
+
+
+def _run(plan: _Plan, hidden, weight, bias, *, cfg: _Config):
   lead, k = hidden.shape[:-1], cfg.k
   n = math.prod(lead)
   width = weight.shape[1] if cfg.weight_layout == "dv" else weight.shape[0]
   offset = 0 if cfg.vocab_axis is None else jax.lax.axis_index(cfg.vocab_axis) * width
-  tile = tile_width(width, cfg.max_tile)
-  chunks = Chunking(cfg.chunk_size, _TILE_SHARE * tile, fused=True)
 
   def body(part, fresh, carry):
-    state = _fold_rows(part[0], weight, bias, offset, tile, cfg)
+    state = _fold_rows(part[0], weight, bias, offset, plan.tile, cfg)
     if cfg.vocab_axis is not None:
       state = _merge_shards(state, cfg.vocab_axis, k)
     return carry, list(_finish(state, cfg.vocab))
 
-  _, (values, indices, tail) = scan_row_chunks(body, (hidden.reshape(n, -1),), chunks)
+  _, (values, indices, tail) = scan_row_chunks(body, (hidden.reshape(n, -1),), plan.rows)
   return values.reshape(lead + (k,)), indices.reshape(lead + (k,)), tail.reshape(lead)
 
 

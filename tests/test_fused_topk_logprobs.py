@@ -246,10 +246,12 @@ def test_shape_mismatch_names_both(rng):
 
 
 @pytest.mark.cpu_only
-def test_compiled_temp_is_under_a_quarter_of_one_logits_array():
-  """N = 4096, V = 8192: the default blocks hold a few [rows, tile] arrays, never [N, V]."""
-  n, d, v = 4096, 64, 8192
-  specs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((n, d), (d, v), (v,))]
+@pytest.mark.parametrize("n,d,v,dtype", [(4096, 64, 8192, jnp.float32),
+                                         (4096, 2048, 8192, jnp.bfloat16)])
+def test_compiled_temp_is_under_a_quarter_of_one_logits_array(n, d, v, dtype):
+  """The default blocks hold a few [rows, tile] arrays, never [N, V]; a 16-bit weight is not
+  copied (at D = N / 2 such a copy alone would be a quarter of one [N, V] float32 array)."""
+  specs = [jax.ShapeDtypeStruct(s, dtype) for s in ((n, d), (d, v), (v,))]
   f = jax.jit(lambda h, w, b: ka.fused_linear_topk_logprobs(h, w, 32, bias=b, softcap=30.0))
   temp = f.lower(*specs).compile().memory_analysis().temp_size_in_bytes
   assert temp <= 0.25 * n * v * 4, temp
