@@ -26,6 +26,11 @@ of :mod:`klagg_jax._chunked` interleave positions: a vocabulary split over devic
 every tile split the same way, so no tile slices a sharded axis at a traced offset. Under
 ``shard_map`` each device folds its own vocabulary slice; the devices' ``[N, k]`` candidates and
 evicted sums are then merged (only candidate-sized arrays cross devices).
+
+Sizes: tiles of up to 4096 entries, and as many rows as keep one float32 ``[rows, tile]`` tile
+within an eighth of the platform's fused-head block (:mod:`klagg_jax._config`; 256 rows on a
+CPU), 64 rows at least. XLA:CPU can only slice a 16-bit weight after copying it whole, so there a
+16-bit weight is not tiled: each block of rows takes the whole vocabulary, as the fused heads do.
 """
 
 from __future__ import annotations
