@@ -2,9 +2,11 @@
 
     python examples/distill_topk.py [--out teacher_topk.npz]   # KLAGG_EXAMPLE_STEPS=3: smoke run
 
-1. A teacher (a small Flax NNX next-token model) reads a token set and stores, per position, what
-   `ka.topk_logprobs` returns: its 32 largest log-probs, their vocabulary indices and the log of the
-   mass outside them (the tail), in an `.npz` (float16 log-probs, uint16 indices, float32 tails).
+1. A teacher (a small Flax NNX next-token model) reads a token set and stores, per position, its 32
+   largest log-probs, their vocabulary indices and the log of the mass outside them (the tail), in
+   an `.npz` (float16 log-probs, uint16 indices, float32 tails). `ka.fused_linear_topk_logprobs`
+   computes them from the teacher's last hidden states and LM head, never materializing its
+   `[N, V]` logits (it prints the largest difference from `ka.topk_logprobs` of those logits).
 2. A smaller student trains on that file alone with optax: the loss is `ka.kl_topk` (forward
    KL(teacher || student) with both sides coarsened onto the 32 stored entries + one tail bucket),
    averaged per sequence and then over sequences.
@@ -50,11 +52,15 @@ class NextToken(nnx.Module):
     self.head = nnx.Linear(4 * dim, VOCAB, rngs=rngs)
     self.logit_scale = logit_scale
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    """Logits ``[B, T, V]`` of the token after each position of ``tokens`` ``[B, T]``."""
+  def hidden_states(self, tokens: jax.Array) -> jax.Array:
+    """The LM head's input ``[B, T, 4 dim]`` at each position of ``tokens`` ``[B, T]``."""
     prev = jnp.pad(tokens[:, :-1], ((0, 0), (1, 0)))
     h = jnp.concatenate([self.embed(tokens), self.embed_prev(prev)], axis=-1)
-    return self.logit_scale * self.head(nnx.gelu(self.mlp(h)))
+    return self.logit_scale * nnx.gelu(self.mlp(h))
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """Logits ``[B, T, V]`` of the token after each position of ``tokens`` ``[B, T]``."""
+    return self.head(self.hidden_states(tokens))
 
 
 def truncated_topk_kl(logits, ref_logprobs, ref_indices):
@@ -68,9 +74,16 @@ def per_sequence(kl: jax.Array) -> jax.Array:
   return ka.mean(kl, axis=-1).mean()
 
 
+@nnx.jit
+def teacher_topk(teacher: NextToken, tokens: jax.Array):
+  """The teacher's top-k log-probs, indices and tails from its hidden states and LM head."""
+  return ka.fused_linear_topk_logprobs(teacher.hidden_states(tokens), teacher.head.kernel[...], K,
+                                       bias=teacher.head.bias[...])
+
+
 def write_teacher_file(path: Path, teacher: NextToken, tokens: np.ndarray) -> None:
   """Runs the teacher once and stores its top-k log-probs, indices and tails."""
-  logprobs, indices, tail = ka.topk_logprobs(teacher(jnp.asarray(tokens)), K)
+  logprobs, indices, tail = teacher_topk(teacher, jnp.asarray(tokens))
   np.savez(path, tokens=tokens, logprobs=np.asarray(logprobs, np.float16),
            indices=np.asarray(indices, np.uint16), tail=np.asarray(tail, np.float32))
 
@@ -110,7 +123,13 @@ def main() -> None:
   # Training sees the stored file only.
   batch = {name: jnp.asarray(stored[name]) for name in ("tokens", "logprobs", "indices", "tail")}
   # Evaluation only: the teacher's full next-token distribution.
-  teacher_logits = jax.jit(lambda t: teacher(t))(batch["tokens"])
+  teacher_logits = nnx.jit(lambda m, t: m(t))(teacher, batch["tokens"])
+  fused = teacher_topk(teacher, batch["tokens"])
+  plain = jax.jit(ka.topk_logprobs, static_argnums=1)(teacher_logits, K)
+  same = bool((fused[1] == plain[1]).all())
+  diff = max(float(jnp.abs(a - b).max()) for a, b in ((fused[0], plain[0]), (fused[2], plain[2])))
+  print(f"fused_linear_topk_logprobs vs topk_logprobs(logits): same indices {same}, "
+        f"max |difference| = {diff:.1e}\n")
   mass = np.exp(np.asarray(jax.nn.logsumexp(batch["logprobs"].astype(jnp.float32), axis=-1)))
   print(f"Teacher mass in its top {K} of {VOCAB}: mean {mass.mean():.3f}, min {mass.min():.3f} "
         "(the rest is the tail bucket)\n")

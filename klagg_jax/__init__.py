@@ -18,6 +18,8 @@ from klagg_jax._calibrate import separation as separation
 from klagg_jax._ops.divergence.api import kl_per_position as kl_per_position
 from klagg_jax._estimators import kl_estimate as kl_estimate
 from klagg_jax._ops.fused.api import fused_linear_kl as fused_linear_kl
+from klagg_jax._ops.topk.fused_logprobs import (
+    fused_linear_topk_logprobs as fused_linear_topk_logprobs)
 from klagg_jax._runtime_checks import check_logits as check_logits
 from klagg_jax._runtime_checks import check_logprobs as check_logprobs
 from klagg_jax._runtime_checks import check_topk as check_topk
@@ -37,6 +39,7 @@ __all__ = [
     "cvar",
     "fused_linear_kl",
     "fused_linear_kl_topk",
+    "fused_linear_topk_logprobs",
     "grad_pressure",
     "hinge",
     "kl_barrier",

@@ -190,3 +190,16 @@ def per_segment(fn, x, segment_ids, max_segments, where=None, **kwargs) -> np.nd
       values = x[idx][where[idx] & (seg[idx] == k)]
       out[idx + (k - 1,)] = fn(values, axis=None, **kwargs) if values.size else 0.0
   return out
+
+
+def linear_topk_logprobs(hidden, weight, k, bias=None, temperature=1.0, softcap=None,
+                         weight_layout="dv"):
+  """:func:`topk_logprobs` of hidden @ weight + bias in float64, soft-capped first when asked
+  (cap * tanh(z / cap), a -inf logit staying -inf)."""
+  h, w = np.asarray(hidden, np.float64), np.asarray(weight, np.float64)
+  z = h @ (w if weight_layout == "dv" else w.T)
+  if bias is not None:
+    z = z + np.asarray(bias, np.float64)
+  if softcap is not None:
+    z = np.where(z == -np.inf, z, softcap * np.tanh(z / softcap))
+  return topk_logprobs(z, k, temperature)

@@ -24,6 +24,9 @@ def test_distill_topk_example_runs_and_tracks_the_true_kl(tmp_path):
     assert 0 <= float(topk_loss) <= float(true_kl)  # a lower bound of the full-vocabulary KL
   assert float(rows[-1][1]) < float(rows[0][1])  # training lowers the loss
   assert "132 B" in proc.stdout  # bytes stored per token: 32 x (2 + 2) + 4
+  # The teacher's pass from hidden states stores what topk_logprobs of its logits would.
+  same = re.search(r"same indices (\w+), max \|difference\| = (\S+)", proc.stdout)
+  assert same and same.group(1) == "True" and float(same.group(2)) < 1e-5
   stored = np.load(out)
   assert stored["logprobs"].shape == stored["indices"].shape == (64, 32, 32)
   assert stored["tail"].shape == (64, 32) and stored["tokens"].shape == (64, 32)
