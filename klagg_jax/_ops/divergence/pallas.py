@@ -1,0 +1,383 @@
+"""The ``"pallas"`` implementation of the per-position divergence: hand-written row kernels.
+
+``divergence_rows`` has the chunked kernel's contract (same arguments, values, gradients and
+conventions) and runs the Pallas kernels of :mod:`klagg_jax._ops.divergence.pallas_kernels`:
+
+- forward, ``"reverse"`` / ``"forward"``: one read of each input, an online log-sum-exp of both
+  sides and the tilt per row; writes ``[N]`` results and the row statistics;
+- forward, ``"js"``: one read for the log-normalizers, one more for the mixture sums;
+- backward: one more read of each input, one write of each gradient.
+
+Platforms, chosen when the program is lowered (``jax.lax.platform_dependent``), so a program
+exported for CUDA from a CPU host holds the Triton kernels:
+
+- GPU: Pallas' Triton lowering, tiles from :mod:`klagg_jax._ops.divergence.pallas_tiles`;
+- CPU (and TPU, where no Mosaic kernel is written): Pallas' interpreter, exact and slow, a
+  correctness mode. On a TPU default backend the entry raises ``NotImplementedError`` so that a
+  caller falls back to the chunked kernel.
+
+Sharding: a ``pallas_call`` is opaque to GSPMD, so each kernel is wrapped in
+``jax.experimental.custom_partitioning`` and runs on each device's block of rows. A vocabulary
+split merges the per-shard row statistics with ``pmax`` / ``psum`` over ``[N]`` arrays (the
+chunked kernel's collectives), in the partitioned program on a mesh or over
+``spec.vocab_axis`` inside ``shard_map``; no logits are gathered.
+
+Unsupported inputs raise ``NotImplementedError`` (float64, a softcap, spec fields this kernel
+does not know), the signal for a caller to try the next implementation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from klagg_jax._divergence import Spec
+from klagg_jax._ops.divergence import pallas_kernels as K
+from klagg_jax._ops.divergence import pallas_tiles
+from klagg_jax._ops.divergence.pallas_tiles import Tiles
+
+__all__ = ["divergence_rows", "Tiles"]
+
+# Spec fields this kernel reads; any other field set to something other than None / False is
+# a feature it does not implement.
+_KNOWN_FIELDS = {"direction", "beta", "inv_temperature", "chunks", "ref_grad", "vocab_axis"}
+
+
+def _check_supported(a: jax.Array, b: jax.Array, spec: Spec) -> None:
+  for x in (a, b):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"logits must be floating point; got {x.dtype}.")
+    if jnp.dtype(x.dtype).itemsize > 4:
+      raise NotImplementedError(f"the Pallas divergence kernel computes in float32; {x.dtype} "
+                                "inputs are left to another implementation.")
+  if getattr(spec, "softcap", None) is not None:
+    raise NotImplementedError("the Pallas divergence kernel has no softcap.")
+  for field in dataclasses.fields(spec):
+    if field.name not in _KNOWN_FIELDS and getattr(spec, field.name) not in (None, False):
+      raise NotImplementedError(f"the Pallas divergence kernel does not handle Spec.{field.name}.")
+  if spec.direction not in ("reverse", "forward", "js"):
+    raise NotImplementedError(f"direction {spec.direction!r} is not implemented in Pallas.")
+  if spec.direction == "js" and not 0.0 < spec.beta < 1.0:
+    raise NotImplementedError("js at beta = 0 or 1 is a KL: map it with resolve_direction.")
+  if jax.default_backend() == "tpu":
+    raise NotImplementedError("no Mosaic (TPU) divergence kernel yet; use the chunked one.")
+
+
+# ------------------------------------------------------------------------------------------------
+# One kernel, every platform.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """A kernel's static configuration, with the tiles given by the caller (None: the table's)."""
+  kernel: K.Kernel
+  tiles: Tiles | None
+
+
+def _gpu_tiles(v: int) -> Tiles:
+  kind = jax.devices()[0].device_kind if jax.default_backend() == "gpu" else None
+  return pallas_tiles.lookup(kind, v)
+
+
+def _on_every_platform(fn, cfg: _Config, n: int, v: int, *args):
+  """``fn(*args, kernel, interpret=...)`` through the interpreter on CPU, compiled elsewhere."""
+  def variant(interpret: bool):
+    tiles = cfg.tiles or (pallas_tiles.lookup(None, v, interpret=True) if interpret
+                          else _gpu_tiles(v))
+    kernel = dataclasses.replace(cfg.kernel, tiles=tiles.fit(n, v))
+    return lambda *xs: fn(*xs, kernel, interpret=interpret)
+
+  interpreted = variant(True)
+  return jax.lax.platform_dependent(*args, cpu=interpreted, tpu=interpreted,
+                                    default=variant(False))
+
+
+# ------------------------------------------------------------------------------------------------
+# Row statistics with the cross-shard merge, and the gradients: the units that are partitioned.
+
+
+def _psum(x, axes):
+  return jax.lax.psum(x, axes) if axes else x
+
+
+def _merge_lse(m, s, axes):
+  """The log-normalizer from per-shard (max, rescaled sum) pairs; and each shard's rescale."""
+  if axes:
+    top = jax.lax.pmax(m, axes)
+    f = jnp.exp(m - K.shift_of(top))
+    return top, _psum(s * f, axes), f
+  return m, s, jnp.ones_like(s)
+
+
+def _safe_log(s):
+  zero = s == 0
+  return jnp.where(zero, -jnp.inf, jnp.log(jnp.where(zero, 1.0, s)))
+
+
+def _forward_stats(x, y, mask, cfg: _Config, axes: tuple[str, ...] | None):
+  """The backward's row statistics: ``(lx, ly, kl)`` for a KL, ``(lx, ly, kl_pm, kl_rm)`` js."""
+  n, v = x.shape
+  stats = _on_every_platform(K.row_stats, cfg, n, v, x, y, mask)
+  mx, sx, fx = _merge_lse(stats[0], stats[1], axes)
+  my, sy, _ = _merge_lse(stats[2], stats[3], axes)
+  lx, ly = K.shift_of(mx) + _safe_log(sx), K.shift_of(my) + _safe_log(sy)
+  nan = jnp.isnan(sx) | jnp.isnan(ly)
+  if cfg.kernel.kind == "kl":
+    t = _psum(stats[4] * fx, axes)
+    kl = t / jnp.where(sx == 0, 1.0, sx) - (lx - K.shift_of(ly))
+    # An empty student row has nothing to diverge (0); an empty reference row where the student
+    # has mass is +inf (not inf - inf); a NaN in either row reaches the result.
+    kl = jnp.where(sx == 0, 0.0, jnp.where(ly == -jnp.inf, jnp.inf, kl))
+    return lx, ly, jnp.where(nan, jnp.nan, kl)
+  pm, rm = _on_every_platform(K.mix_sums, cfg, n, v, x, y, mask, lx, ly)
+  return lx, ly, _psum(pm, axes), _psum(rm, axes)
+
+
+def _grads(x, y, mask, w, stats, cfg: _Config):
+  n, v = x.shape
+  return _on_every_platform(K.row_grads, cfg, n, v, x, y, mask, w, tuple(stats))
+
+
+def _mesh_axes(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def _split_of(sharding, rank: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(batch axes, vocabulary axes) of an operand's sharding; nothing split if not a NamedSharding."""
+  if not isinstance(sharding, NamedSharding):
+    return (), ()
+  spec = tuple(sharding.spec) + (None,) * rank
+  return _mesh_axes(spec[0]), (_mesh_axes(spec[1]) if rank > 1 else ())
+
+
+def _spec_entry(axes: tuple[str, ...]):
+  return None if not axes else (axes[0] if len(axes) == 1 else axes)
+
+
+def _layout(mesh, arg_shapes):
+  batch, vocab = _split_of(arg_shapes[0].sharding, 2)
+  logits = NamedSharding(mesh, P(_spec_entry(batch), _spec_entry(vocab)))
+  rows = NamedSharding(mesh, P(_spec_entry(batch)))
+  return logits, rows, vocab
+
+
+def _rule(n_logits: int, n_rows: int, n_out_logits: int, n_out_rows: int) -> str:
+  ins = ", ".join(["n v"] * n_logits + ["n"] * n_rows)
+  outs = ", ".join(["n v"] * n_out_logits + ["n"] * n_out_rows)
+  return f"{ins} -> {outs}"
+
+
+@functools.partial(custom_partitioning, static_argnums=(3,))
+def _forward_op(x, y, mask, cfg: _Config):
+  return _forward_stats(x, y, mask, cfg, None)
+
+
+def _forward_infer(cfg, mesh, arg_shapes, result_shape):
+  _, rows, _ = _layout(mesh, arg_shapes)
+  return tuple(rows for _ in result_shape)
+
+
+def _forward_partition(cfg, mesh, arg_shapes, result_shape):
+  logits, rows, vocab = _layout(mesh, arg_shapes)
+
+  def lower(x, y, mask):
+    return _forward_stats(x, y, mask, cfg, vocab or None)
+
+  return mesh, lower, tuple(rows for _ in result_shape), (logits, logits, rows)
+
+
+@functools.partial(custom_partitioning, static_argnums=(4,))
+def _grads_op(x, y, mask, w, cfg: _Config, *stats):
+  return _grads(x, y, mask, w, stats, cfg)
+
+
+def _grads_outputs(cfg: _Config) -> int:
+  return int(cfg.kernel.want_dx) + int(cfg.kernel.want_dy)
+
+
+def _grads_infer(cfg, mesh, arg_shapes, result_shape):
+  logits, _, _ = _layout(mesh, arg_shapes)
+  return tuple(logits for _ in result_shape)
+
+
+def _grads_partition(cfg, mesh, arg_shapes, result_shape):
+  logits, rows, _ = _layout(mesh, arg_shapes)
+
+  def lower(x, y, mask, w, *stats):
+    return _grads(x, y, mask, w, stats, cfg)
+
+  args = (logits, logits) + (rows,) * (len(arg_shapes) - 2)
+  return mesh, lower, tuple(logits for _ in result_shape), args
+
+
+def _define_partitions() -> None:
+  for kind, n_stats in (("kl", 3), ("js", 4)):
+    del kind, n_stats  # one rule string per arity, built at call time below
+  _forward_op.def_partition(
+      infer_sharding_from_operands=_forward_infer, partition=_forward_partition,
+      sharding_rule=_ForwardRule())
+  _grads_op.def_partition(
+      infer_sharding_from_operands=_grads_infer, partition=_grads_partition,
+      sharding_rule=_GradsRule())
+
+
+class _ForwardRule:
+  """Shardy rule of the forward op: rows are a batch factor, the vocabulary a reduction."""
+
+  def __call__(self, cfg, mesh, arg_shapes, result_shape):
+    del mesh, arg_shapes
+    return _rule(2, 1, 0, len(result_shape))
+
+
+class _GradsRule:
+  def __call__(self, cfg, mesh, arg_shapes, result_shape):
+    del mesh
+    return _rule(2, len(arg_shapes) - 2, len(result_shape), 0)
+
+
+_define_partitions()
+
+
+# ------------------------------------------------------------------------------------------------
+# The differentiable entry point.
+
+
+def _operands(a, b, spec: Spec):
+  """(x, y, gradient-into-a is dx): ``x`` is the first argument of the KL."""
+  if spec.direction == "forward":
+    return b, a, False
+  return a, b, True
+
+
+def _config(spec: Spec, tiles: Tiles | None, *, want_a: bool = True,
+            want_b: bool = True) -> _Config:
+  kind = "js" if spec.direction == "js" else "kl"
+  a_is_x = spec.direction != "forward"
+  want_dx, want_dy = (want_a, want_b) if a_is_x else (want_b, want_a)
+  return _Config(K.Kernel(kind, float(spec.beta), float(spec.inv_temperature),
+                          tiles or pallas_tiles.GPU_DEFAULT, want_dx, want_dy), tiles)
+
+
+def _value(stats: Sequence[jax.Array], mask: jax.Array, spec: Spec) -> jax.Array:
+  if spec.direction == "js":
+    lx, ly, pm, rm = stats
+    value = spec.beta * rm + (1.0 - spec.beta) * pm
+    value = jnp.where(jnp.isnan(lx) | jnp.isnan(ly), jnp.nan, value)
+  else:
+    value = stats[2]
+  value = jnp.where(value < 0, 0.0, value)  # rounding below 0; NaN fails the test and stays
+  return jnp.where(mask, value, 0.0)
+
+
+def _run_forward(x, y, m, cfg: _Config, spec: Spec):
+  if spec.vocab_axis is not None:  # inside shard_map: merge over its axis here
+    return _forward_stats(x, y, m, cfg, _mesh_axes(spec.vocab_axis))
+  return _forward_op(x, y, m, cfg)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _rows(a, b, mask, spec: Spec, tiles: Tiles | None):
+  return _rows_fwd(a, b, mask, spec, tiles)[0]
+
+
+def _rows_fwd(a, b, mask, spec, tiles):
+  x, y, _ = _operands(a, b, spec)
+  m = mask.astype(jnp.int32)
+  stats = _run_forward(x, y, m, _config(spec, tiles), spec)
+  return _value(stats, mask, spec), (a, b, mask, tuple(stats))
+
+
+def _rows_bwd(spec, tiles, residuals, g):
+  a, b, mask, stats = residuals
+  x, y, a_is_x = _operands(a, b, spec)
+  cfg = _config(spec, tiles, want_b=spec.ref_grad)
+  w = jnp.where(mask, g.astype(jnp.float32) * spec.inv_temperature, 0.0)
+  m = mask.astype(jnp.int32)
+  if spec.vocab_axis is not None:
+    grads = _grads(x, y, m, w, stats, cfg)
+  else:
+    grads = _grads_op(x, y, m, w, cfg, *stats)
+  grads = list(grads)
+  k = cfg.kernel
+  dx = grads.pop(0) if k.want_dx else None
+  dy = grads.pop(0) if k.want_dy else None
+  da, db = (dx, dy) if a_is_x else (dy, dx)
+  return da, db, None
+
+
+_rows.defvjp(_rows_fwd, _rows_bwd)
+
+
+def divergence_rows(a: jax.Array, b: jax.Array, mask: jax.Array, spec: Spec,
+                    tiles: Tiles | None = None) -> jax.Array:
+  """Per-row divergence of ``[N, V]`` logits ``a`` (student) from ``b`` (reference), in Pallas.
+
+  With x = a / T, y = b / T (``spec.inv_temperature`` = 1 / T), p = softmax(x), r = softmax(y):
+
+  .. math::
+
+     \\mathrm{reverse} = \\mathrm{KL}(p \\| r) = \\sum_v p_v (\\log p_v - \\log r_v), \\qquad
+     \\mathrm{forward} = \\mathrm{KL}(r \\| p),
+
+  .. math::
+
+     \\mathrm{js} = \\beta\\, \\mathrm{KL}(r \\| m) + (1 - \\beta)\\, \\mathrm{KL}(p \\| m),
+     \\qquad m = (1 - \\beta) p + \\beta r.
+
+  A KL is read in one pass from the online statistics
+  :math:`M = \\max_v x_v`, :math:`S = \\sum_v e^{x_v - M}`,
+  :math:`T = \\sum_v e^{x_v - M} (x_v - y_v)`:
+
+  .. math::
+
+     \\mathrm{KL}(p \\| r) = T / S - (\\log Z_x - \\log Z_y), \\qquad \\log Z_x = M + \\log S,
+
+  and js takes :math:`\\log(m_v / p_v) = \\log((1 - \\beta) + \\beta e^{\\delta_v})`,
+  :math:`\\delta_v = \\log r_v - \\log p_v`, from ``log1p``/``expm1`` near 0.
+  The gradients are :math:`\\partial \\mathrm{KL}(p\\|r) / \\partial x = p (\\log p - \\log r -
+  \\mathrm{KL})` and :math:`\\partial / \\partial y = r - p`, times 1 / T.
+
+  The chunked kernel's conventions hold: masked rows give exactly 0 and a zero gradient whatever
+  they hold; 0 log 0 = 0 at ``-inf`` entries; an all ``-inf`` student row gives 0 and an all
+  ``-inf`` reference row where the student has mass +inf; a NaN (or +inf) at a valid position
+  gives NaN; identical rows give exactly 0 and a zero gradient; results below 0 by rounding are
+  0. Arithmetic is float32 whatever the input dtype.
+
+  Args:
+    a: student logits ``[N, V]``, float16, bfloat16 or float32.
+    b: reference logits ``[N, V]``.
+    mask: bool ``[N]``; False rows give 0.
+    spec: the static configuration (direction with js endpoints already mapped to a KL, beta,
+      inverse temperature, whether ``b`` gets a gradient, the ``shard_map`` vocabulary axis).
+      ``spec.chunks`` is ignored.
+    tiles: block sizes; None takes them from :mod:`~klagg_jax._ops.divergence.pallas_tiles`
+      (per device kind and vocabulary on GPU, the interpreter's on CPU).
+
+  Returns:
+    float32 ``[N]``.
+
+  Raises:
+    NotImplementedError: float64 inputs, a softcap or other Spec feature this kernel lacks, or a
+      TPU default backend: the caller should use another implementation.
+    ValueError: non-float inputs or mismatched shapes.
+  """
+  a, b, mask = jnp.asarray(a), jnp.asarray(b), jnp.asarray(mask)
+  _check_supported(a, b, spec)
+  if a.ndim != 2 or a.shape != b.shape or mask.shape != a.shape[:1]:
+    raise ValueError(f"expected a, b of one shape [N, V] and mask [N]; got {a.shape}, "
+                     f"{b.shape}, {mask.shape}.")
+  if a.shape[1] == 0:
+    raise ValueError("the vocabulary (last axis) is empty.")
+  if tiles is not None and not isinstance(tiles, Tiles):
+    raise ValueError(f"tiles must be a Tiles or None; got {tiles!r}.")
+  if a.shape[0] == 0:
+    return jnp.zeros((0,), jnp.float32)
+  return _rows(a, b, mask.astype(bool), spec, tiles)
