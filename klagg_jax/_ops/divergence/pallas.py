@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from klagg_jax._divergence import Spec
 from klagg_jax._ops.divergence import pallas_kernels as K
@@ -86,12 +86,19 @@ def _gpu_tiles(v: int) -> Tiles:
 
 
 def _on_every_platform(fn, cfg: _Config, n: int, v: int, *args):
-  """``fn(*args, kernel, interpret=...)`` through the interpreter on CPU, compiled elsewhere."""
+  """``fn(*args, kernel, ...)``: Triton on GPU, the interpreter on CPU (and TPU).
+
+  Inside a ``shard_map`` that checks varying axes, the CPU path evaluates the kernels' tile steps
+  on whole rows in plain JAX instead: Pallas' interpreter cannot run there (it mixes per-device
+  blocks with device-invariant indices, which the check rejects). The GPU path is the kernel.
+  """
+  emulate = any(K.varying(x) for x in jax.tree.leaves(args))
+
   def variant(interpret: bool):
     tiles = cfg.tiles or (pallas_tiles.lookup(None, v, interpret=True) if interpret
                           else _gpu_tiles(v))
     kernel = dataclasses.replace(cfg.kernel, tiles=tiles.fit(n, v))
-    return lambda *xs: fn(*xs, kernel, interpret=interpret)
+    return lambda *xs: fn(*xs, kernel, interpret=interpret, emulate=interpret and emulate)
 
   interpreted = variant(True)
   return jax.lax.platform_dependent(*args, cpu=interpreted, tpu=interpreted,
@@ -219,8 +226,6 @@ def _grads_partition(cfg, mesh, arg_shapes, result_shape):
 
 
 def _define_partitions() -> None:
-  for kind, n_stats in (("kl", 3), ("js", 4)):
-    del kind, n_stats  # one rule string per arity, built at call time below
   _forward_op.def_partition(
       infer_sharding_from_operands=_forward_infer, partition=_forward_partition,
       sharding_rule=_ForwardRule())
@@ -238,6 +243,8 @@ class _ForwardRule:
 
 
 class _GradsRule:
+  """Shardy rule of the gradient op: per-row inputs, ``[N, V]`` outputs laid out as the logits."""
+
   def __call__(self, cfg, mesh, arg_shapes, result_shape):
     del mesh
     return _rule(2, len(arg_shapes) - 2, len(result_shape), 0)
@@ -380,4 +387,41 @@ def divergence_rows(a: jax.Array, b: jax.Array, mask: jax.Array, spec: Spec,
     raise ValueError(f"tiles must be a Tiles or None; got {tiles!r}.")
   if a.shape[0] == 0:
     return jnp.zeros((0,), jnp.float32)
-  return _rows(a, b, mask.astype(bool), spec, tiles)
+  mask = mask.astype(bool)
+  explicit = _explicit_layout(a, b) if spec.vocab_axis is None else None
+  if explicit is not None:
+    return _on_explicit_mesh(a, b, mask, spec, tiles, *explicit)
+  return _rows(a, b, mask, spec, tiles)
+
+
+def _explicit_layout(a, b):
+  """(mesh, batch axes, vocabulary axes) when ``a``'s type holds ``Explicit`` mesh axes."""
+  sharding = getattr(jax.typeof(a), "sharding", None)
+  if not isinstance(sharding, NamedSharding):
+    return None
+  mesh = sharding.mesh
+  explicit = {name for name, t in zip(mesh.axis_names, getattr(mesh, "axis_types", ()))
+              if t == AxisType.Explicit}
+  batch, vocab = _split_of(sharding, 2)
+  if not (set(batch) | set(vocab)) & explicit:
+    return None
+  if _split_of(getattr(jax.typeof(b), "sharding", None), 2) != (batch, vocab):
+    raise NotImplementedError("a and b are laid out differently; resharding either would move "
+                              "logits, which this kernel does not do.")
+  return mesh, batch, vocab
+
+
+def _on_explicit_mesh(a, b, mask, spec, tiles, mesh, batch, vocab):
+  """Each device's blocks in a ``shard_map``, the vocabulary shards merged over ``vocab``."""
+  logits, rows = P(_spec_entry(batch), _spec_entry(vocab)), P(_spec_entry(batch))
+  mask = jax.sharding.reshard(mask, rows)  # [N] bools: cheap, whatever their layout was
+  local_spec = dataclasses.replace(spec, vocab_axis=_spec_entry(vocab))
+
+  def local(a, b, mask):
+    return _rows(a, b, mask, local_spec, tiles)
+
+  # Split over rows only, every operand and the result vary over every mesh axis in play, so the
+  # unchecked shard_map is exact, and it lets the CPU path run the Pallas interpreter itself. A
+  # vocabulary split returns results replicated over its axes, whose transpose needs the check.
+  return jax.shard_map(local, mesh=mesh, in_specs=(logits, logits, rows), out_specs=rows,
+                       check_vma=bool(vocab))(a, b, mask)

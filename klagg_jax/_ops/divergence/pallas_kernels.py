@@ -95,42 +95,20 @@ def where_mass(mass: jax.Array, value: jax.Array) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------------
-# Loads.
+# Tile steps: what a program does with one [rows, vocab] tile of each input (float32, scaled,
+# -inf at masked rows and past V). The kernels loop them over the vocabulary; the plain-JAX
+# evaluation (:func:`row_stats` and co. with ``emulate=True``) applies them to whole rows.
 
 
-def _rows_of(n: int, tiles: Tiles):
-  r0 = pl.program_id(0) * tiles.rows
-  rows = r0 + jnp.arange(tiles.rows)
-  return r0, rows < n
+def prepare(x: jax.Array, valid: jax.Array, scale: float) -> jax.Array:
+  """float32, times ``scale``, ``-inf`` where not ``valid`` (masked rows, entries past V)."""
+  x = x.astype(jnp.float32)
+  if scale != 1.0:
+    x = x * scale
+  return jnp.where(valid, x, NEG_INF)
 
 
-def _keep(mask_ref, r0, row_in, tiles: Tiles) -> jax.Array:
-  m = plgpu.load(mask_ref.at[pl.ds(r0, tiles.rows)], mask=row_in, other=0)
-  return (m != 0) & row_in
-
-
-def _load(ref, r0, j, keep, row_in, v: int, k: Kernel) -> tuple[jax.Array, jax.Array]:
-  """Tile ``j`` of the row block as float32 (scaled), ``-inf`` at masked rows and past V."""
-  c0 = j * k.tiles.vocab
-  col_in = (c0 + jnp.arange(k.tiles.vocab)) < v
-  x = plgpu.load(ref.at[pl.ds(r0, k.tiles.rows), pl.ds(c0, k.tiles.vocab)],
-                 mask=row_in[:, None] & col_in[None, :], other=0.0).astype(jnp.float32)
-  if k.scale != 1.0:
-    x = x * k.scale
-  valid = keep[:, None] & col_in[None, :]
-  return jnp.where(valid, x, NEG_INF), col_in
-
-
-def _store_rows(refs, values, r0, row_in, tiles: Tiles) -> None:
-  for ref, val in zip(refs, values):
-    plgpu.store(ref.at[pl.ds(r0, tiles.rows)], val.astype(ref.dtype), mask=row_in)
-
-
-# ------------------------------------------------------------------------------------------------
-# Kernels.
-
-
-def _online(m, s, x):
+def _online(m, x):
   """One online log-sum-exp step: the new maximum, the rescale factor of the old sums, e^(x-m)."""
   new = jnp.maximum(m, x.max(axis=1))
   shift = shift_of(new)
@@ -138,81 +116,138 @@ def _online(m, s, x):
   return new, jnp.exp(m - shift), jnp.exp(x - shift[:, None])
 
 
+def stats_step(carry, x, y, tilt: bool):
+  """Merges a tile into ``(max x, sum e^(x - max x), max y, sum e^(y - max y), tilt)``."""
+  mx, sx, my, sy, t = carry
+  mx, ax, ex = _online(mx, x)
+  my, ay, ey = _online(my, y)
+  sx = sx * ax + ex.sum(axis=1)
+  sy = sy * ay + ey.sum(axis=1)
+  if tilt:  # 0 log 0 = 0: entries without student mass add nothing, even where y = -inf
+    t = t * ax + where_mass(ex, ex * (x - y)).sum(axis=1)
+  return mx, sx, my, sy, t
+
+
+def stats_init(rows: int):
+  full = lambda value: jnp.full((rows,), value, jnp.float32)
+  return full(NEG_INF), full(0.0), full(NEG_INF), full(0.0), full(0.0)
+
+
+def mix_step(carry, x, y, sx, sy, beta: float):
+  """Adds a tile's ``-sum p log(m / p)`` and ``-sum r log(m / r)`` (shifts ``sx``, ``sy``)."""
+  pm, rm = carry
+  lp, lr = x - sx[:, None], y - sy[:, None]
+  p, r = jnp.exp(lp), jnp.exp(lr)
+  gp, gr = mix_terms(lp, lr, beta)
+  return pm + where_mass(p, p * gp).sum(axis=1), rm + where_mass(r, r * gr).sum(axis=1)
+
+
+def grads_tile(x, y, w, stats, k: "Kernel"):
+  """``w`` times the gradients into ``x`` and ``y`` of a tile, given the row statistics."""
+  sx, sy = shift_of(stats[0]), shift_of(stats[1])
+  lp, lr = x - sx[:, None], y - sy[:, None]
+  p, r = jnp.exp(lp), jnp.exp(lr)
+  if k.kind == "kl":
+    dx = where_mass(p, p * ((lp - lr) - stats[2][:, None]))
+    dy = r - p
+  else:
+    gp, gr = mix_terms(lp, lr, k.beta)
+    dx = (1.0 - k.beta) * where_mass(p, p * (gp - stats[2][:, None]))
+    dy = k.beta * where_mass(r, r * (gr - stats[3][:, None]))
+  return w[:, None] * dx, w[:, None] * dy
+
+
+# ------------------------------------------------------------------------------------------------
+# Loads and stores. Blocks are addressed by index vectors (``ref.at[rows]``,
+# ``ref.at[rows[:, None], cols]``), the layer-norm idiom of Pallas' GPU ops, which Triton turns
+# into pointer arithmetic with masks.
+
+
+def _rows_of(n: int, tiles: Tiles):
+  rows = pl.program_id(0) * tiles.rows + jnp.arange(tiles.rows)
+  return rows, rows < n
+
+
+def _row_vector(ref, rows, row_in, other=0.0) -> jax.Array:
+  return plgpu.load(ref.at[rows], mask=row_in, other=other)
+
+
+def _keep(mask_ref, rows, row_in) -> jax.Array:
+  return (_row_vector(mask_ref, rows, row_in, 0) != 0) & row_in
+
+
+def _cols_of(j, k: Kernel):
+  return j * k.tiles.vocab + jnp.arange(k.tiles.vocab)
+
+
+def _load(ref, rows, j, keep, row_in, v: int, k: Kernel) -> tuple[jax.Array, jax.Array]:
+  """Tile ``j`` of the row block, prepared; and which of its columns are inside V."""
+  cols = _cols_of(j, k)
+  col_in = cols < v
+  x = plgpu.load(ref.at[rows[:, None], cols[None, :]],
+                 mask=row_in[:, None] & col_in[None, :], other=0.0)
+  return prepare(x, keep[:, None] & col_in[None, :], k.scale), col_in
+
+
+def _store_rows(refs, values, rows, row_in) -> None:
+  for ref, val in zip(refs, values):
+    plgpu.store(ref.at[rows], val.astype(ref.dtype), mask=row_in)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels.
+
+
 def _stats_kernel(x_ref, y_ref, mask_ref, *out_refs, n: int, v: int, k: Kernel):
-  r0, row_in = _rows_of(n, k.tiles)
-  keep = _keep(mask_ref, r0, row_in, k.tiles)
-  tilt = k.kind == "kl"
+  rows, row_in = _rows_of(n, k.tiles)
+  keep = _keep(mask_ref, rows, row_in)
 
   def body(j, carry):
-    mx, sx, my, sy, t = carry
-    x, _ = _load(x_ref, r0, j, keep, row_in, v, k)
-    y, _ = _load(y_ref, r0, j, keep, row_in, v, k)
-    mx, ax, ex = _online(mx, sx, x)
-    my, ay, ey = _online(my, sy, y)
-    sx = sx * ax + ex.sum(axis=1)
-    sy = sy * ay + ey.sum(axis=1)
-    if tilt:  # 0 log 0 = 0: entries without student mass add nothing, even where y = -inf
-      t = t * ax + where_mass(ex, ex * (x - y)).sum(axis=1)
-    return mx, sx, my, sy, t
+    x, _ = _load(x_ref, rows, j, keep, row_in, v, k)
+    y, _ = _load(y_ref, rows, j, keep, row_in, v, k)
+    return stats_step(carry, x, y, k.kind == "kl")
 
-  full = lambda value: jnp.full((k.tiles.rows,), value, jnp.float32)
-  init = (full(NEG_INF), full(0.0), full(NEG_INF), full(0.0), full(0.0))
-  out = jax.lax.fori_loop(0, pl.cdiv(v, k.tiles.vocab), body, init)
-  _store_rows(out_refs, out[:len(out_refs)], r0, row_in, k.tiles)
+  out = jax.lax.fori_loop(0, pl.cdiv(v, k.tiles.vocab), body, stats_init(k.tiles.rows))
+  _store_rows(out_refs, out[:len(out_refs)], rows, row_in)
 
 
 def _mix_kernel(x_ref, y_ref, mask_ref, lx_ref, ly_ref, pm_ref, rm_ref, *, n: int, v: int,
                 k: Kernel):
-  r0, row_in = _rows_of(n, k.tiles)
-  keep = _keep(mask_ref, r0, row_in, k.tiles)
-  sx = shift_of(plgpu.load(lx_ref.at[pl.ds(r0, k.tiles.rows)], mask=row_in, other=0.0))
-  sy = shift_of(plgpu.load(ly_ref.at[pl.ds(r0, k.tiles.rows)], mask=row_in, other=0.0))
+  rows, row_in = _rows_of(n, k.tiles)
+  keep = _keep(mask_ref, rows, row_in)
+  sx = shift_of(_row_vector(lx_ref, rows, row_in))
+  sy = shift_of(_row_vector(ly_ref, rows, row_in))
 
   def body(j, carry):
-    pm, rm = carry
-    x, _ = _load(x_ref, r0, j, keep, row_in, v, k)
-    y, _ = _load(y_ref, r0, j, keep, row_in, v, k)
-    lp, lr = x - sx[:, None], y - sy[:, None]
-    p, r = jnp.exp(lp), jnp.exp(lr)
-    gp, gr = mix_terms(lp, lr, k.beta)
-    return pm + where_mass(p, p * gp).sum(axis=1), rm + where_mass(r, r * gr).sum(axis=1)
+    x, _ = _load(x_ref, rows, j, keep, row_in, v, k)
+    y, _ = _load(y_ref, rows, j, keep, row_in, v, k)
+    return mix_step(carry, x, y, sx, sy, k.beta)
 
   zeros = jnp.zeros((k.tiles.rows,), jnp.float32)
   out = jax.lax.fori_loop(0, pl.cdiv(v, k.tiles.vocab), body, (zeros, zeros))
-  _store_rows((pm_ref, rm_ref), out, r0, row_in, k.tiles)
+  _store_rows((pm_ref, rm_ref), out, rows, row_in)
 
 
 def _grads_kernel(x_ref, y_ref, mask_ref, w_ref, *refs, n: int, v: int, k: Kernel):
   n_stats = 4 if k.kind == "js" else 3
   stat_refs, grad_refs = refs[:n_stats], refs[n_stats:]
-  r0, row_in = _rows_of(n, k.tiles)
-  keep = _keep(mask_ref, r0, row_in, k.tiles)
-  row = lambda ref: plgpu.load(ref.at[pl.ds(r0, k.tiles.rows)], mask=row_in, other=0.0)
-  w = row(w_ref)
-  stats = [row(ref) for ref in stat_refs]
-  sx, sy = shift_of(stats[0]), shift_of(stats[1])
+  rows, row_in = _rows_of(n, k.tiles)
+  keep = _keep(mask_ref, rows, row_in)
+  w = _row_vector(w_ref, rows, row_in)
+  stats = [_row_vector(ref, rows, row_in) for ref in stat_refs]
 
   def body(j, carry):
-    x, col_in = _load(x_ref, r0, j, keep, row_in, v, k)
-    y, _ = _load(y_ref, r0, j, keep, row_in, v, k)
-    lp, lr = x - sx[:, None], y - sy[:, None]
-    p, r = jnp.exp(lp), jnp.exp(lr)
-    if k.kind == "kl":
-      dx = where_mass(p, p * ((lp - lr) - stats[2][:, None]))
-      dy = r - p
-    else:
-      gp, gr = mix_terms(lp, lr, k.beta)
-      dx = (1.0 - k.beta) * where_mass(p, p * (gp - stats[2][:, None]))
-      dy = k.beta * where_mass(r, r * (gr - stats[3][:, None]))
-    c0 = j * k.tiles.vocab
+    x, col_in = _load(x_ref, rows, j, keep, row_in, v, k)
+    y, _ = _load(y_ref, rows, j, keep, row_in, v, k)
+    dx, dy = grads_tile(x, y, w, stats, k)
+    cols = _cols_of(j, k)
     valid = keep[:, None] & col_in[None, :]
     store_in = row_in[:, None] & col_in[None, :]
     outs = [d for d, want in ((dx, k.want_dx), (dy, k.want_dy)) if want]
     for ref, d in zip(grad_refs, outs):
       # Masked rows are written as exact zeros, whatever their stats hold.
-      d = jnp.where(valid, w[:, None] * d, 0.0)
-      plgpu.store(ref.at[pl.ds(r0, k.tiles.rows), pl.ds(c0, k.tiles.vocab)],
-                  d.astype(ref.dtype), mask=store_in)
+      plgpu.store(ref.at[rows[:, None], cols[None, :]],
+                  jnp.where(valid, d, 0.0).astype(ref.dtype), mask=store_in)
     return carry
 
   jax.lax.fori_loop(0, pl.cdiv(v, k.tiles.vocab), body, 0)
@@ -222,35 +257,97 @@ def _grads_kernel(x_ref, y_ref, mask_ref, w_ref, *refs, n: int, v: int, k: Kerne
 # pallas_call wrappers: one function per kernel for both the interpreter and Triton.
 
 
-def _call(kernel, out_shape, n: int, k: Kernel, interpret: bool, name: str):
+def _varying(x) -> frozenset:
+  """Mesh axes ``x`` varies over inside ``shard_map`` (empty elsewhere, and without the type)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)
+  if mat is not None:
+    return frozenset(getattr(mat, "varying", ()))
+  return frozenset(getattr(aval, "vma", ()) or ())
+
+
+def _cast_varying(x, axes: frozenset):
+  missing = tuple(sorted(axes - _varying(x)))
+  if not missing:
+    return x
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(x, missing, to="varying")
+  return jax.lax.pvary(x, missing)
+
+
+def _struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
+  """An output type varying over the mesh axes ``like`` varies over (inside ``shard_map``)."""
+  aval = jax.typeof(like)
+  mat = getattr(aval, "manual_axis_type", None)
+  if mat is not None:
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+  vma = getattr(aval, "vma", None)
+  if vma is not None:
+    return jax.ShapeDtypeStruct(shape, dtype, vma=vma)
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _call(kernel, shapes, n: int, k: Kernel, interpret: bool, name: str, *args):
+  """Runs ``kernel`` over the row blocks; outputs ``shapes`` as (shape, dtype) pairs.
+
+  Inside ``shard_map`` every operand is first made to vary over the union of the axes any of
+  them varies over, and the outputs vary over it too.
+  """
+  axes = frozenset().union(*(_varying(x) for x in args))
+  args = [_cast_varying(x, axes) for x in args]
+  out_shape = [_struct(shape, dtype, args[0]) for shape, dtype in shapes]
   params = {} if interpret else {"compiler_params": plgpu.CompilerParams(
       num_warps=k.tiles.num_warps, num_stages=k.tiles.num_stages)}
-  return pl.pallas_call(kernel, out_shape=out_shape, grid=(pl.cdiv(n, k.tiles.rows),),
-                        interpret=interpret, name=name, **params)
+  return tuple(pl.pallas_call(kernel, out_shape=out_shape, grid=(pl.cdiv(n, k.tiles.rows),),
+                              interpret=interpret, name=name, **params)(*args))
 
 
-def row_stats(x, y, mask, k: Kernel, *, interpret: bool):
+# Plain-JAX evaluation of the same tile steps on whole rows (one tile of V entries). The CPU path
+# inside a ``shard_map`` that checks varying axes uses it: there Pallas' interpreter mixes the
+# per-device blocks with the kernel's device-invariant indices, which that check rejects.
+
+
+def varying(x) -> frozenset:
+  """Mesh axes ``x`` varies over inside ``shard_map`` (empty elsewhere)."""
+  return _varying(x)
+
+
+def _whole(x, mask, k: Kernel) -> jax.Array:
+  return prepare(x, (mask != 0)[:, None], k.scale)
+
+
+def row_stats(x, y, mask, k: Kernel, *, interpret: bool, emulate: bool = False):
   """``(max x, sum e^(x - max x), max y, sum e^(y - max y)[, tilt])`` per row, float32 ``[N]``."""
   n, v = x.shape
   count = 5 if k.kind == "kl" else 4
-  shape = [jax.ShapeDtypeStruct((n,), jnp.float32)] * count
+  if emulate:
+    out = stats_step(stats_init(n), _whole(x, mask, k), _whole(y, mask, k), k.kind == "kl")
+    return out[:count]
   kernel = functools.partial(_stats_kernel, n=n, v=v, k=k)
-  return tuple(_call(kernel, shape, n, k, interpret, "klagg_divergence_stats")(x, y, mask))
+  return _call(kernel, [((n,), jnp.float32)] * count, n, k, interpret, "klagg_divergence_stats",
+               x, y, mask)
 
 
-def mix_sums(x, y, mask, lx, ly, k: Kernel, *, interpret: bool):
+def mix_sums(x, y, mask, lx, ly, k: Kernel, *, interpret: bool, emulate: bool = False):
   """``(KL(p || m), KL(r || m))`` per row (partial over a vocabulary shard), float32 ``[N]``."""
   n, v = x.shape
-  shape = [jax.ShapeDtypeStruct((n,), jnp.float32)] * 2
+  if emulate:
+    zeros = jnp.zeros((n,), jnp.float32)
+    return mix_step((zeros, zeros), _whole(x, mask, k), _whole(y, mask, k), shift_of(lx),
+                    shift_of(ly), k.beta)
   kernel = functools.partial(_mix_kernel, n=n, v=v, k=k)
-  return tuple(_call(kernel, shape, n, k, interpret, "klagg_divergence_mix")(x, y, mask, lx, ly))
+  return _call(kernel, [((n,), jnp.float32)] * 2, n, k, interpret, "klagg_divergence_mix",
+               x, y, mask, lx, ly)
 
 
-def row_grads(x, y, mask, w, stats, k: Kernel, *, interpret: bool):
+def row_grads(x, y, mask, w, stats, k: Kernel, *, interpret: bool, emulate: bool = False):
   """``w`` times the gradients of the per-row divergence into ``x`` and ``y`` (those wanted)."""
   n, v = x.shape
-  shape = [jax.ShapeDtypeStruct(z.shape, z.dtype)
-           for z, want in ((x, k.want_dx), (y, k.want_dy)) if want]
+  if emulate:
+    grads = grads_tile(_whole(x, mask, k), _whole(y, mask, k), w, stats, k)
+    keep = (mask != 0)[:, None]
+    return tuple(jnp.where(keep, d, 0.0).astype(z.dtype)
+                 for d, z, want in zip(grads, (x, y), (k.want_dx, k.want_dy)) if want)
+  shapes = [(z.shape, z.dtype) for z, want in ((x, k.want_dx), (y, k.want_dy)) if want]
   kernel = functools.partial(_grads_kernel, n=n, v=v, k=k)
-  return tuple(_call(kernel, shape, n, k, interpret, "klagg_divergence_grads")(
-      x, y, mask, w, *stats))
+  return _call(kernel, shapes, n, k, interpret, "klagg_divergence_grads", x, y, mask, w, *stats)
