@@ -33,6 +33,7 @@ import functools
 from collections.abc import Sequence
 
 import jax
+import jax.custom_batching
 import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -253,6 +254,30 @@ class _GradsRule:
 _define_partitions()
 
 
+@functools.lru_cache(maxsize=None)
+def _rowwise(op: str, cfg: _Config):
+  """The partitioned op for ``cfg``, batched under ``vmap`` as more rows.
+
+  Every operand is ``[N, ...]`` rows treated independently, so a vmapped call is the same op on
+  ``[B N, ...]`` (``custom_partitioning`` itself has no batching rule).
+  """
+  if op == "forward":
+    call = lambda x, y, mask: _forward_op(x, y, mask, cfg)
+  else:
+    call = lambda x, y, mask, w, *stats: _grads_op(x, y, mask, w, cfg, *stats)
+  fn = jax.custom_batching.custom_vmap(call)
+
+  @fn.def_vmap
+  def _rule(axis_size, in_batched, *args):
+    args = [x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+            for x, batched in zip(args, in_batched)]
+    outs = fn(*(x.reshape((-1,) + x.shape[2:]) for x in args))
+    outs = tuple(o.reshape((axis_size, -1) + o.shape[1:]) for o in outs)
+    return outs, tuple(True for _ in outs)
+
+  return fn
+
+
 # ------------------------------------------------------------------------------------------------
 # The differentiable entry point.
 
@@ -287,7 +312,7 @@ def _value(stats: Sequence[jax.Array], mask: jax.Array, spec: Spec) -> jax.Array
 def _run_forward(x, y, m, cfg: _Config, spec: Spec):
   if spec.vocab_axis is not None:  # inside shard_map: merge over its axis here
     return _forward_stats(x, y, m, cfg, _mesh_axes(spec.vocab_axis))
-  return _forward_op(x, y, m, cfg)
+  return _rowwise("forward", cfg)(x, y, m)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -311,7 +336,7 @@ def _rows_bwd(spec, tiles, residuals, g):
   if spec.vocab_axis is not None:
     grads = _grads(x, y, m, w, stats, cfg)
   else:
-    grads = _grads_op(x, y, m, w, cfg, *stats)
+    grads = _rowwise("grads", cfg)(x, y, m, w, *stats)
   grads = list(grads)
   k = cfg.kernel
   dx = grads.pop(0) if k.want_dx else None
