@@ -445,8 +445,5 @@ def _on_explicit_mesh(a, b, mask, spec, tiles, mesh, batch, vocab):
   def local(a, b, mask):
     return _rows(a, b, mask, local_spec, tiles)
 
-  # Split over rows only, every operand and the result vary over every mesh axis in play, so the
-  # unchecked shard_map is exact, and it lets the CPU path run the Pallas interpreter itself. A
-  # vocabulary split returns results replicated over its axes, whose transpose needs the check.
-  return jax.shard_map(local, mesh=mesh, in_specs=(logits, logits, rows), out_specs=rows,
-                       check_vma=bool(vocab))(a, b, mask)
+  return jax.shard_map(local, mesh=mesh, in_specs=(logits, logits, rows), out_specs=rows)(
+      a, b, mask)
