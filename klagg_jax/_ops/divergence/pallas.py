@@ -1,26 +1,37 @@
 """The ``"pallas"`` implementation of the per-position divergence: hand-written row kernels.
 
 ``divergence_rows`` has the chunked kernel's contract (same arguments, values, gradients and
-conventions) and runs the Pallas kernels of :mod:`klagg_jax._ops.divergence.pallas_kernels`:
+conventions) and runs the Pallas kernels of :mod:`klagg_jax._ops.divergence.pallas_kernels`.
+A program owns ``tiles.rows`` rows (grid ``cdiv(N, rows)``) and walks their vocabulary in tiles
+of ``tiles.vocab`` entries with masked loads (any N and V; nothing padded in memory). Bytes
+moved, in ``N V`` entries of the input dtype (``[N]`` vectors aside):
 
-- forward, ``"reverse"`` / ``"forward"``: one read of each input, an online log-sum-exp of both
-  sides and the tilt per row; writes ``[N]`` results and the row statistics;
-- forward, ``"js"``: one read for the log-normalizers, one more for the mixture sums;
-- backward: one more read of each input, one write of each gradient.
+- forward, ``"reverse"`` / ``"forward"``: one read of each input (2), an online log-sum-exp of
+  both sides and the tilt per row; writes the ``[N]`` row statistics only;
+- forward, ``"js"``: one read for the log-normalizers, one more for the mixture sums (4);
+- backward: one more read of each input and one write of each gradient requested (3 or 4).
+
+So a KL's value and gradient into the student move 5 ``N V`` entries, the least a kernel that
+does not hold a whole row on chip can: a row's gradient needs its log-normalizer first.
 
 Platforms, chosen when the program is lowered (``jax.lax.platform_dependent``), so a program
 exported for CUDA from a CPU host holds the Triton kernels:
 
 - GPU: Pallas' Triton lowering, tiles from :mod:`klagg_jax._ops.divergence.pallas_tiles`;
-- CPU (and TPU, where no Mosaic kernel is written): Pallas' interpreter, exact and slow, a
-  correctness mode. On a TPU default backend the entry raises ``NotImplementedError`` so that a
-  caller falls back to the chunked kernel.
+- CPU: Pallas' interpreter, exact and slow, a correctness mode. Inside a ``shard_map`` that
+  checks varying axes the interpreter cannot run (it mixes the per-device blocks with the
+  kernel's device-invariant indices, which the check rejects), so there the CPU path applies the
+  kernels' tile steps to whole rows in plain JAX;
+- TPU: no Mosaic kernel yet. The entry raises ``NotImplementedError`` on a TPU default backend,
+  so that a caller takes the chunked kernel; a program lowered for TPU anyway runs the
+  interpreter.
 
-Sharding: a ``pallas_call`` is opaque to GSPMD, so each kernel is wrapped in
-``jax.experimental.custom_partitioning`` and runs on each device's block of rows. A vocabulary
-split merges the per-shard row statistics with ``pmax`` / ``psum`` over ``[N]`` arrays (the
-chunked kernel's collectives), in the partitioned program on a mesh or over
-``spec.vocab_axis`` inside ``shard_map``; no logits are gathered.
+Sharding: a ``pallas_call`` is opaque to GSPMD, so the forward and the backward are each wrapped
+in ``jax.experimental.custom_partitioning`` (with a Shardy ``sharding_rule``) and run on each
+device's block on a classic mesh. Inputs on ``Explicit`` mesh axes run in a ``shard_map`` read
+off their types. A vocabulary split merges the per-shard row statistics with ``pmax`` / ``psum``
+over ``[N]`` arrays, in the partitioned program or over ``spec.vocab_axis`` inside the caller's
+``shard_map``; no logits are gathered. Under ``vmap`` the kernels see more rows.
 
 Unsupported inputs raise ``NotImplementedError`` (float64, a softcap, spec fields this kernel
 does not know), the signal for a caller to try the next implementation.
@@ -207,10 +218,6 @@ def _grads_op(x, y, mask, w, cfg: _Config, *stats):
   return _grads(x, y, mask, w, stats, cfg)
 
 
-def _grads_outputs(cfg: _Config) -> int:
-  return int(cfg.kernel.want_dx) + int(cfg.kernel.want_dy)
-
-
 def _grads_infer(cfg, mesh, arg_shapes, result_shape):
   logits, _, _ = _layout(mesh, arg_shapes)
   return tuple(logits for _ in result_shape)
@@ -226,32 +233,20 @@ def _grads_partition(cfg, mesh, arg_shapes, result_shape):
   return mesh, lower, tuple(logits for _ in result_shape), args
 
 
-def _define_partitions() -> None:
-  _forward_op.def_partition(
-      infer_sharding_from_operands=_forward_infer, partition=_forward_partition,
-      sharding_rule=_ForwardRule())
-  _grads_op.def_partition(
-      infer_sharding_from_operands=_grads_infer, partition=_grads_partition,
-      sharding_rule=_GradsRule())
+def _forward_rule(cfg, mesh, arg_shapes, result_shape) -> str:
+  """Shardy: rows are a batch factor of every operand, the vocabulary a reduction factor."""
+  return _rule(2, 1, 0, len(result_shape))
 
 
-class _ForwardRule:
-  """Shardy rule of the forward op: rows are a batch factor, the vocabulary a reduction."""
-
-  def __call__(self, cfg, mesh, arg_shapes, result_shape):
-    del mesh, arg_shapes
-    return _rule(2, 1, 0, len(result_shape))
+def _grads_rule(cfg, mesh, arg_shapes, result_shape) -> str:
+  """Shardy: per-row inputs, ``[N, V]`` gradients laid out as the logits."""
+  return _rule(2, len(arg_shapes) - 2, len(result_shape), 0)
 
 
-class _GradsRule:
-  """Shardy rule of the gradient op: per-row inputs, ``[N, V]`` outputs laid out as the logits."""
-
-  def __call__(self, cfg, mesh, arg_shapes, result_shape):
-    del mesh
-    return _rule(2, len(arg_shapes) - 2, len(result_shape), 0)
-
-
-_define_partitions()
+_forward_op.def_partition(infer_sharding_from_operands=_forward_infer,
+                          partition=_forward_partition, sharding_rule=_forward_rule)
+_grads_op.def_partition(infer_sharding_from_operands=_grads_infer, partition=_grads_partition,
+                        sharding_rule=_grads_rule)
 
 
 @functools.lru_cache(maxsize=None)
