@@ -328,3 +328,27 @@ def test_exports_for_cuda_with_the_triton_kernels(direction):
     assert module.count(TRITON) == count
   with pytest.raises(ValueError, match="custom_call"):  # the check is only disabled on purpose
     jax.export.export(jax.jit(forward), platforms=["cuda"])(*sds)
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused heads' block step.
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_block_step_equals_the_chunked_block_step(rng, direction):
+  from klagg_jax import _divergence
+  a, b = with_banned_entries(rng)
+  a[4] = 0.0  # a zeroed (masked) row, as the heads hand them over
+  b[4] = 0.0
+  spec = spec_for(direction, beta=0.3)
+
+  def both(module):
+    def f(x, y):
+      div, stats = module.block_forward(x, y, spec)
+      return div, stats, module.block_backward(x, y, stats, spec)
+    return jax.jit(f)(jnp.asarray(a), jnp.asarray(b))
+
+  mine, theirs = both(pallas_div), both(_divergence)
+  for got, want in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs)):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=direction)
+  assert mine[0][4] == 0.0 and np.all(np.asarray(mine[2][0])[4] == 0.0)

@@ -442,3 +442,79 @@ def _on_explicit_mesh(a, b, mask, spec, tiles, mesh, batch, vocab):
 
   return jax.shard_map(local, mesh=mesh, in_specs=(logits, logits, rows), out_specs=rows)(
       a, b, mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# The block step of the fused (hidden-state) heads.
+
+
+def _block_spec(spec: Spec) -> Spec:
+  """The block functions take scaled, prepared rows: no temperature, and no reference stop."""
+  return dataclasses.replace(spec, inv_temperature=1.0, ref_grad=True)
+
+
+def block_forward(a: jax.Array, b: jax.Array, spec: Spec):
+  """Divergence of prepared student rows ``a`` from reference rows ``b``, with its row stats.
+
+  The Pallas counterpart of the chunked kernel's block step, for heads that compute a
+  ``[block, V]`` logits block and hand it over: ``a`` and ``b`` are already scaled by the inverse
+  temperature and have masked rows zeroed, in float32 or a 16-bit dtype (arithmetic is float32).
+  One read of the block for a KL (two for js); see :func:`divergence_rows` for the math.
+
+  Args:
+    a: student rows ``[block, V]``.
+    b: reference rows ``[block, V]``.
+    spec: as for :func:`divergence_rows`; its temperature and ``ref_grad`` are not used here.
+
+  Returns:
+    ``(div, stats)``: float32 ``[block]`` divergences and the statistics
+    :func:`block_backward` takes, ``(lx, ly, kl)`` for a KL and ``(lx, ly, kl_pm, kl_rm)`` for
+    js (``lx``, ``ly`` the log-normalizers).
+
+  Raises:
+    NotImplementedError: as :func:`divergence_rows`.
+  """
+  _check_supported(a, b, spec)
+  spec = _block_spec(spec)
+  x, y, _ = _operands(a, b, spec)
+  mask = jnp.ones(a.shape[:1], bool)
+  stats = _run_forward(x, y, mask.astype(jnp.int32), _config(spec, None), spec)
+  return _value(stats, mask, spec), tuple(stats)
+
+
+def block_backward(a: jax.Array, b: jax.Array, stats, spec: Spec):
+  """``(d div / d a, d div / d b)`` per row of a block, from :func:`block_forward`'s ``stats``.
+
+  .. math::
+
+     \\frac{\\partial\\, \\mathrm{KL}(p \\| r)}{\\partial a} = p (\\log p - \\log r - \\mathrm{KL}),
+     \\qquad \\frac{\\partial\\, \\mathrm{KL}(p \\| r)}{\\partial b} = r - p,
+
+  and for js :math:`(1 - \\beta) p (-\\log(m/p) - \\mathrm{KL}(p\\|m))` into ``a``,
+  :math:`\\beta r (-\\log(m/r) - \\mathrm{KL}(r\\|m))` into ``b``. One more read of the block
+  and one write of each gradient, in the dtype of its input.
+
+  Args:
+    a: student rows ``[block, V]``, as given to :func:`block_forward`.
+    b: reference rows ``[block, V]``.
+    stats: the statistics :func:`block_forward` returned.
+    spec: the same spec.
+
+  Returns:
+    The two ``[block, V]`` gradients (of each row's divergence, unweighted).
+
+  Raises:
+    NotImplementedError: as :func:`divergence_rows`.
+  """
+  _check_supported(a, b, spec)
+  spec = _block_spec(spec)
+  x, y, a_is_x = _operands(a, b, spec)
+  mask = jnp.ones(a.shape[:1], bool)
+  cfg = _config(spec, None)
+  w = jnp.ones(a.shape[:1], jnp.float32)
+  m = mask.astype(jnp.int32)
+  if spec.vocab_axis is not None:
+    dx, dy = _grads(x, y, m, w, tuple(stats), cfg)
+  else:
+    dx, dy = _rowwise("grads", cfg)(x, y, m, w, *stats)
+  return (dx, dy) if a_is_x else (dy, dx)
