@@ -136,3 +136,26 @@ else:
       return (out * w).sum()
 
     check(jax.value_and_grad(f, (0, 1)), put(mesh, arrays, LAYOUTS["both"]), want, "shard_map")
+
+  def test_shard_map_program_exports_for_cuda_with_the_triton_kernels():
+    """Sharded export goes through ``shard_map`` (``custom_partitioning``'s partitioner is a
+    host callback, which ``jax.export`` cannot serialize)."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    n, v = 64, 128256
+    local_spec = Spec(direction="reverse", beta=0.5, inv_temperature=1.0,
+                      chunks=Chunking(None, v), vocab_axis="model")
+    logits, rows = P("data", "model"), P("data")
+
+    def f(a, b, mask):
+      local = lambda a, b, m: pallas_div.divergence_rows(a, b, m, local_spec)
+      return jax.shard_map(local, mesh=mesh, in_specs=(logits, logits, rows),
+                           out_specs=rows)(a, b, mask).mean()
+
+    sds = tuple(jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, p)) for s, d, p in (
+        ((n, v), jnp.bfloat16, logits), ((n, v), jnp.bfloat16, logits), ((n,), bool, rows)))
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    exported = jax.export.export(jax.jit(jax.value_and_grad(f, (0, 1))), platforms=["cuda"],
+                                 disabled_checks=checks)(*sds)
+    module = exported.mlir_module()
+    assert exported.nr_devices == N_DEV
+    assert module.count("__gpu$xla.gpu.triton") == 2 and "all-gather" not in module

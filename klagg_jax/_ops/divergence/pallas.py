@@ -31,7 +31,10 @@ in ``jax.experimental.custom_partitioning`` (with a Shardy ``sharding_rule``) an
 device's block on a classic mesh. Inputs on ``Explicit`` mesh axes run in a ``shard_map`` read
 off their types. A vocabulary split merges the per-shard row statistics with ``pmax`` / ``psum``
 over ``[N]`` arrays, in the partitioned program or over ``spec.vocab_axis`` inside the caller's
-``shard_map``; no logits are gathered. Under ``vmap`` the kernels see more rows.
+``shard_map``; no logits are gathered. Under ``vmap`` the kernels see more rows. A program
+exported with shardings (``jax.export``) must take the ``shard_map`` path (``partition=``, or
+``Explicit`` axes): ``custom_partitioning``'s partitioner is a host callback, which ``jax.export``
+cannot serialize; unsharded programs export as they are.
 
 Unsupported inputs raise ``NotImplementedError`` (float64, a softcap, spec fields this kernel
 does not know), the signal for a caller to try the next implementation.
