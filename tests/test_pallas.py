@@ -269,6 +269,14 @@ def test_unsupported_inputs_raise_not_implemented(rng):
                                                          | {"chunks": spec.chunks})), 0.0)
 
 
+def test_a_tpu_default_backend_is_left_to_another_implementation(rng, monkeypatch):
+  """No Mosaic kernel yet: on a TPU the caller is told to fall back, not given the interpreter."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  a = random_logits(rng, (4, 9))
+  with pytest.raises(NotImplementedError, match="TPU"):
+    pallas_div.divergence_rows(a, a, jnp.ones(4, bool), spec_for(v=9))
+
+
 @pytest.mark.parametrize("kwargs", [{"rows": 3}, {"vocab": 0}, {"num_warps": 6},
                                     {"num_stages": 0}, {"vocab": 8.0}])
 def test_bad_tiles_raise(kwargs):

@@ -57,7 +57,7 @@ from klagg_jax._ops.divergence import pallas_kernels as K
 from klagg_jax._ops.divergence import pallas_tiles
 from klagg_jax._ops.divergence.pallas_tiles import Tiles
 
-__all__ = ["divergence_rows", "Tiles"]
+__all__ = ["Tiles", "block_backward", "block_forward", "divergence_rows"]
 
 # Spec fields this kernel reads; any other field set to something other than None / False is
 # a feature it does not implement.
