@@ -65,13 +65,28 @@ def shift_of(m: jax.Array) -> jax.Array:
 
 
 def log_mix_ratio(delta: jax.Array, log_w: float, log_wc: float, w: float) -> jax.Array:
-  """log(wc + w e^delta), i.e. log(m / p) for m = wc p + w r and delta = log r - log p.
+  """The log-ratio of a two-point mixture to one of its points, per entry.
 
-  Near delta = 0 the result is small and ``log1p(w expm1(delta))`` keeps its relative accuracy
-  (and is exactly 0 at delta = 0, so identical inputs give exactly 0). For |delta| > 1 the
-  result is at least min(log wc + ..., ...) away from cancellation and the two-term log-sum-exp
-  of the static logs ``log w``, ``log wc`` (no underflow of a tiny ``wc``) is accurate, with
-  the right limits at delta = +-inf.
+  .. math::
+
+     \log\frac{m_v}{p_v} = \log\left(w_c + w\, e^{\delta_v}\right), \qquad
+     m = w_c\, p + w\, r, \quad \delta_v = \log r_v - \log p_v, \quad w_c = 1 - w.
+
+  For :math:`|\delta| \le 1` it is :math:`\mathrm{log1p}(w\, \mathrm{expm1}(\delta))`:
+  accurate relative to its (possibly tiny) size, and exactly 0 at :math:`\delta = 0`, so
+  identical inputs give exactly 0. Beyond, the result is no smaller than about
+  :math:`\min(w, w_c)` in size and the two-term log-sum-exp of the static logs
+  :math:`\log w_c` and :math:`\log w + \delta` is accurate, with the limits
+  :math:`\log w_c` at :math:`\delta = -\infty` and :math:`+\infty` at :math:`+\infty`.
+
+  Args:
+    delta: float32 log-ratios ``log r - log p``, any shape (NaN passes through).
+    log_w: ``log w``, a Python float computed in float64.
+    log_wc: ``log(1 - w)``, likewise (``log1p(-w)``: exact for tiny ``w``).
+    w: the weight of ``r`` in the mixture, strictly inside (0, 1).
+
+  Returns:
+    ``log(m / p)``, float32, the shape of ``delta``.
   """
   near = jnp.abs(delta) <= 1.0  # False for NaN: the far branch passes NaN through
   d = jnp.where(near, delta, 0.0)
@@ -317,7 +332,24 @@ def _whole(x, mask, k: Kernel) -> jax.Array:
 
 
 def row_stats(x, y, mask, k: Kernel, *, interpret: bool, emulate: bool = False):
-  """``(max x, sum e^(x - max x), max y, sum e^(y - max y)[, tilt])`` per row, float32 ``[N]``."""
+  """The forward pass: one read of ``x`` and ``y``, the online row statistics.
+
+  With :math:`M_x = \max_v x_v`, :math:`S_x = \sum_v e^{x_v - M_x}` (likewise for ``y``) and
+  the tilt :math:`T = \sum_v e^{x_v - M_x} (x_v - y_v)` (KL only), merged tile by tile as
+  :math:`S \leftarrow S e^{M_{old} - M_{new}} + \sum_{tile} e^{x - M_{new}}`.
+
+  Args:
+    x: ``[N, V]`` logits, the first argument of the KL (unscaled, any float dtype).
+    y: ``[N, V]`` logits, the second.
+    mask: int32 ``[N]``; rows with 0 read as empty (all ``-inf``).
+    k: the static kernel configuration (kind, scale, tiles).
+    interpret: run through Pallas' interpreter rather than Triton.
+    emulate: apply the tile step to whole rows in plain JAX instead of a ``pallas_call``.
+
+  Returns:
+    float32 ``[N]`` arrays ``(M_x, S_x, M_y, S_y, T)`` for a KL, ``(M_x, S_x, M_y, S_y)`` for js;
+    a vocabulary shard's partial statistics when ``x`` holds one.
+  """
   n, v = x.shape
   count = 5 if k.kind == "kl" else 4
   if emulate:
@@ -329,7 +361,23 @@ def row_stats(x, y, mask, k: Kernel, *, interpret: bool, emulate: bool = False):
 
 
 def mix_sums(x, y, mask, lx, ly, k: Kernel, *, interpret: bool, emulate: bool = False):
-  """``(KL(p || m), KL(r || m))`` per row (partial over a vocabulary shard), float32 ``[N]``."""
+  """The js pass: one more read of ``x`` and ``y`` given both log-normalizers.
+
+  .. math::
+
+     \mathrm{KL}(p \| m) = -\sum_v p_v \log\frac{m_v}{p_v}, \qquad
+     \mathrm{KL}(r \| m) = -\sum_v r_v \log\frac{m_v}{r_v}, \qquad
+     m = (1 - \beta) p + \beta r.
+
+  Args:
+    x: student ``[N, V]`` logits; y: reference logits; mask: int32 ``[N]``.
+    lx: float32 ``[N]`` log-normalizers of the scaled ``x`` (over the whole vocabulary).
+    ly: those of ``y``.
+    k: the static kernel configuration; interpret, emulate: as :func:`row_stats`.
+
+  Returns:
+    float32 ``[N]`` arrays ``(KL(p || m), KL(r || m))``, partial over a vocabulary shard.
+  """
   n, v = x.shape
   if emulate:
     zeros = jnp.zeros((n,), jnp.float32)
@@ -341,7 +389,26 @@ def mix_sums(x, y, mask, lx, ly, k: Kernel, *, interpret: bool, emulate: bool = 
 
 
 def row_grads(x, y, mask, w, stats, k: Kernel, *, interpret: bool, emulate: bool = False):
-  """``w`` times the gradients of the per-row divergence into ``x`` and ``y`` (those wanted)."""
+  """The backward pass: one more read of ``x`` and ``y``, one write of each gradient wanted.
+
+  .. math::
+
+     \frac{\partial\, \mathrm{KL}(p\|r)}{\partial x} = p(\log p - \log r - \mathrm{KL}),
+     \qquad \frac{\partial\, \mathrm{KL}(p\|r)}{\partial y} = r - p,
+
+  with respect to the scaled logits (js: see :func:`grads_tile`), times ``w`` per row.
+
+  Args:
+    x, y, mask: as :func:`row_stats`.
+    w: float32 ``[N]`` row weights (the cotangent times the inverse temperature; 0 at masked
+      rows).
+    stats: the merged statistics ``(lx, ly, kl)`` (KL) or ``(lx, ly, kl_pm, kl_rm)`` (js).
+    k: the static kernel configuration (``want_dx``, ``want_dy`` pick the outputs).
+    interpret, emulate: as :func:`row_stats`.
+
+  Returns:
+    The wanted gradients, each ``[N, V]`` in the dtype of its input; exactly 0 at masked rows.
+  """
   n, v = x.shape
   if emulate:
     grads = grads_tile(_whole(x, mask, k), _whole(y, mask, k), w, stats, k)
