@@ -8,7 +8,7 @@ data-moving collective (all-gather, all-to-all, collective-permute) at all, and 
 as large as a logits share.
 
 With fewer than 8 devices this module is one test that reruns it in a child process started with
-``XLA_FLAGS=--xla_force_host_platform_device_count=8``; with 8 devices (a session started that
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``; with 8 devices (a pytest run started that
 way) the checks run directly.
 """
 
