@@ -91,8 +91,11 @@ def log_mix_ratio(delta: jax.Array, log_w: float, log_wc: float, w: float) -> ja
   near = jnp.abs(delta) <= 1.0  # False for NaN: the far branch passes NaN through
   d = jnp.where(near, delta, 0.0)
   small = jnp.log1p(w * jnp.expm1(d))
-  hi = jnp.maximum(log_wc, log_w + delta)
-  lo = jnp.minimum(log_wc, log_w + delta)
+  # Selects, not maximum/minimum: Triton lowers those to maxnumf/minnumf, which drop a NaN.
+  other = log_w + delta
+  first = log_wc > other  # False for NaN: hi takes the NaN
+  hi = jnp.where(first, log_wc, other)
+  lo = jnp.where(first, other, log_wc)
   far = hi + jnp.log1p(jnp.exp(lo - hi))
   return jnp.where(near, small, far)
 
@@ -124,7 +127,11 @@ def prepare(x: jax.Array, valid: jax.Array, scale: float) -> jax.Array:
 
 
 def _online(m, x):
-  """One online log-sum-exp step: the new maximum, the rescale factor of the old sums, e^(x-m)."""
+  """One online log-sum-exp step: the new maximum, the rescale factor of the old sums, e^(x-m).
+
+  Triton's maximum drops NaN (maxnumf) where XLA's keeps it; either way a NaN or +inf entry
+  reaches the sum through its own ``exp``, so the row's statistics become NaN on every platform.
+  """
   new = jnp.maximum(m, x.max(axis=1))
   shift = shift_of(new)
   # exp(m - shift) is 0 for an old maximum of -inf (its sums are 0), and NaN carries through.
