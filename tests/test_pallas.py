@@ -269,14 +269,6 @@ def test_unsupported_inputs_raise_not_implemented(rng):
                                                          | {"chunks": spec.chunks})), 0.0)
 
 
-def test_a_tpu_default_backend_is_left_to_another_implementation(rng, monkeypatch):
-  """No Mosaic kernel yet: on a TPU the caller is told to fall back, not given the interpreter."""
-  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-  a = random_logits(rng, (4, 9))
-  with pytest.raises(NotImplementedError, match="TPU"):
-    pallas_div.divergence_rows(a, a, jnp.ones(4, bool), spec_for(v=9))
-
-
 @pytest.mark.parametrize("kwargs", [{"rows": 3}, {"vocab": 0}, {"num_warps": 6},
                                     {"num_stages": 0}, {"vocab": 8.0}])
 def test_bad_tiles_raise(kwargs):
@@ -360,3 +352,59 @@ def test_block_step_equals_the_chunked_block_step(rng, direction):
   for got, want in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs)):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=direction)
   assert mine[0][4] == 0.0 and np.all(np.asarray(mine[2][0])[4] == 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The TPU (Mosaic) kernels: through Pallas' TPU interpret mode, and lowered for TPU.
+
+
+@pytest.mark.parametrize("kind", ["kl", "js"])
+def test_tpu_kernels_in_tpu_interpret_mode_equal_the_checked_kernels(rng, kind):
+  """37 rows in blocks of 16 and 300 entries in tiles of 128: both last blocks ragged."""
+  from jax.experimental.pallas import tpu as pltpu
+  from klagg_jax._ops.divergence import pallas_tpu
+  n, v = 37, 300
+  x, y = random_logits(rng, (n, v)), random_logits(rng, (n, v))
+  x[:, 5], y[:, 5] = -np.inf, -np.inf
+  x[3, 140:] = -np.inf
+  mask = (rng.random(n) > 0.2).astype(np.int32)
+  mask[7] = 0
+  x[7] = np.nan  # masked garbage
+  k = pallas_kernels.Kernel(kind, 0.3, 0.8, Tiles(rows=16, vocab=128))
+  tpu = pltpu.InterpretParams()
+  stats = pallas_tpu.row_stats(x, y, mask, k, interpret=tpu)
+  want = pallas_kernels.row_stats(x, y, mask, k, interpret=True)
+  lx, ly = (jnp.asarray(rng.standard_normal(n), jnp.float32) for _ in range(2))
+  w = jnp.asarray(rng.standard_normal(n), jnp.float32)
+  row_stats = (lx, ly) + tuple(jnp.asarray(rng.random(n), jnp.float32)
+                               for _ in range(2 if kind == "js" else 1))
+  pairs = [(stats, want),
+           (pallas_tpu.row_grads(x, y, mask, w, row_stats, k, interpret=tpu),
+            pallas_kernels.row_grads(x, y, mask, w, row_stats, k, interpret=True))]
+  if kind == "js":
+    pairs.append((pallas_tpu.mix_sums(x, y, mask, lx, ly, k, interpret=tpu),
+                  pallas_kernels.mix_sums(x, y, mask, lx, ly, k, interpret=True)))
+  for got, ref_out in pairs:
+    for g, h in zip(got, ref_out):
+      np.testing.assert_allclose(g, h, rtol=1e-6, atol=1e-7)
+  assert np.all(np.asarray(pairs[1][0][0])[7] == 0.0)
+
+
+def test_tpu_fit_aligns_blocks_or_takes_the_whole_axis():
+  from klagg_jax._ops.divergence import pallas_tpu
+  t, blocks = Tiles(rows=64, vocab=2048), pallas_tpu.Blocks
+  assert pallas_tpu.fit(t, 1000, 128256) == blocks(64, 2048)
+  assert pallas_tpu.fit(t, 11, 100) == blocks(11, 100)
+  assert pallas_tpu.fit(Tiles(rows=4, vocab=8), 37, 300) == blocks(16, 128)
+  assert pallas_tpu.fit(t, 40, 1000) == blocks(40, 1000)  # whole axes
+  assert pallas_tpu.fit(Tiles(rows=32, vocab=256), 40, 1000) == blocks(32, 256)
+
+
+def test_exports_for_tpu_with_the_mosaic_kernels():
+  n, v = 64, 128256
+  spec = spec_for("js", v=v)
+  sds = (jax.ShapeDtypeStruct((n, v), jnp.bfloat16),) * 2 + (jax.ShapeDtypeStruct((n,), bool),)
+  loss = lambda a, b, m: pallas_div.divergence_rows(a, b, m, spec).mean()
+  exported = jax.export.export(jax.jit(jax.value_and_grad(loss, (0, 1))), platforms=["tpu"])(
+      *sds)
+  assert exported.mlir_module().count("tpu_custom_call") == 3  # stats, mix, gradients

@@ -22,9 +22,9 @@ exported for CUDA from a CPU host holds the Triton kernels:
   checks varying axes the interpreter cannot run (it mixes the per-device blocks with the
   kernel's device-invariant indices, which the check rejects), so there the CPU path applies the
   kernels' tile steps to whole rows in plain JAX;
-- TPU: no Mosaic kernel yet. The entry raises ``NotImplementedError`` on a TPU default backend,
-  so that a caller takes the chunked kernel; a program lowered for TPU anyway runs the
-  interpreter.
+- TPU: the same tile steps as Mosaic kernels over a 2-D grid of aligned blocks
+  (:mod:`klagg_jax._ops.divergence.pallas_tpu`). Unmeasured: checked through Pallas' TPU
+  interpret mode and by lowering for TPU from a CPU host only.
 
 Sharding: a ``pallas_call`` is opaque to GSPMD, so the forward and the backward are each wrapped
 in ``jax.experimental.custom_partitioning`` (with a Shardy ``sharding_rule``) and run on each
@@ -54,7 +54,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from klagg_jax._divergence import Spec
 from klagg_jax._ops.divergence import pallas_kernels as K
-from klagg_jax._ops.divergence import pallas_tiles
+from klagg_jax._ops.divergence import pallas_tiles, pallas_tpu
 from klagg_jax._ops.divergence.pallas_tiles import Tiles
 
 __all__ = ["Tiles", "block_backward", "block_forward", "divergence_rows"]
@@ -80,8 +80,6 @@ def _check_supported(a: jax.Array, b: jax.Array, spec: Spec) -> None:
     raise NotImplementedError(f"direction {spec.direction!r} is not implemented in Pallas.")
   if spec.direction == "js" and not 0.0 < spec.beta < 1.0:
     raise NotImplementedError("js at beta = 0 or 1 is a KL: map it with resolve_direction.")
-  if jax.default_backend() == "tpu":
-    raise NotImplementedError("no Mosaic (TPU) divergence kernel yet; use the chunked one.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,12 +98,16 @@ def _gpu_tiles(v: int) -> Tiles:
   return pallas_tiles.lookup(kind, v)
 
 
+_TPU = {K.row_stats: pallas_tpu.row_stats, K.mix_sums: pallas_tpu.mix_sums,
+        K.row_grads: pallas_tpu.row_grads}
+
+
 def _on_every_platform(fn, cfg: _Config, n: int, v: int, *args):
-  """``fn(*args, kernel, ...)``: Triton on GPU, the interpreter on CPU (and TPU).
+  """``fn(*args, kernel, ...)``: Triton on GPU, Mosaic on TPU, the interpreter on CPU.
 
   Inside a ``shard_map`` that checks varying axes, the CPU path evaluates the kernels' tile steps
   on whole rows in plain JAX instead: Pallas' interpreter cannot run there (it mixes per-device
-  blocks with device-invariant indices, which the check rejects). The GPU path is the kernel.
+  blocks with device-invariant indices, which the check rejects). GPU and TPU run the kernels.
   """
   emulate = any(K.varying(x) for x in jax.tree.leaves(args))
 
@@ -115,8 +117,11 @@ def _on_every_platform(fn, cfg: _Config, n: int, v: int, *args):
     kernel = dataclasses.replace(cfg.kernel, tiles=tiles.fit(n, v))
     return lambda *xs: fn(*xs, kernel, interpret=interpret, emulate=interpret and emulate)
 
-  interpreted = variant(True)
-  return jax.lax.platform_dependent(*args, cpu=interpreted, tpu=interpreted,
+  def mosaic(*xs):
+    tiles = cfg.tiles or pallas_tiles.lookup(None, v, tpu=True)
+    return _TPU[fn](*xs, dataclasses.replace(cfg.kernel, tiles=tiles))
+
+  return jax.lax.platform_dependent(*args, cpu=variant(True), tpu=mosaic,
                                     default=variant(False))
 
 
@@ -395,8 +400,8 @@ def divergence_rows(a: jax.Array, b: jax.Array, mask: jax.Array, spec: Spec,
     float32 ``[N]``.
 
   Raises:
-    NotImplementedError: float64 inputs, a softcap or other Spec feature this kernel lacks, or a
-      TPU default backend: the caller should use another implementation.
+    NotImplementedError: float64 inputs, or a softcap or other Spec feature this kernel lacks:
+      the caller should use another implementation.
     ValueError: non-float inputs or mismatched shapes.
   """
   a, b, mask = jnp.asarray(a), jnp.asarray(b), jnp.asarray(mask)

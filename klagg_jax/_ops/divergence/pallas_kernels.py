@@ -65,14 +65,15 @@ def shift_of(m: jax.Array) -> jax.Array:
 
 
 def log_mix_ratio(delta: jax.Array, log_w: float, log_wc: float, w: float) -> jax.Array:
-  """The log-ratio of a two-point mixture to one of its points, per entry.
+  r"""The log-ratio of a two-point mixture to one of its points, per entry.
 
   .. math::
 
      \log\frac{m_v}{p_v} = \log\left(w_c + w\, e^{\delta_v}\right), \qquad
      m = w_c\, p + w\, r, \quad \delta_v = \log r_v - \log p_v, \quad w_c = 1 - w.
 
-  For :math:`|\delta| \le 1` it is :math:`\mathrm{log1p}(w\, \mathrm{expm1}(\delta))`:
+  For :math:`|\delta| \le 1` it is :math:`\mathrm{log1p}(w\, \mathrm{expm1}(\delta))`,
+  with :math:`\mathrm{expm1}(\delta) = 2\tau / (1 - \tau)`, :math:`\tau = \tanh(\delta / 2)`:
   accurate relative to its (possibly tiny) size, and exactly 0 at :math:`\delta = 0`, so
   identical inputs give exactly 0. Beyond, the result is no smaller than about
   :math:`\min(w, w_c)` in size and the two-term log-sum-exp of the static logs
@@ -90,7 +91,10 @@ def log_mix_ratio(delta: jax.Array, log_w: float, log_wc: float, w: float) -> ja
   """
   near = jnp.abs(delta) <= 1.0  # False for NaN: the far branch passes NaN through
   d = jnp.where(near, delta, 0.0)
-  small = jnp.log1p(w * jnp.expm1(d))
+  # expm1(d) = 2 t / (1 - t), t = tanh(d / 2): as accurate near 0 (1 - t >= 0.53 here), and
+  # Mosaic lowers tanh but not expm1.
+  t = jnp.tanh(0.5 * d)
+  small = jnp.log1p(w * (2.0 * t / (1.0 - t)))
   # Selects, not maximum/minimum: Triton lowers those to maxnumf/minnumf, which drop a NaN.
   other = log_w + delta
   first = log_wc > other  # False for NaN: hi takes the NaN
@@ -126,57 +130,68 @@ def prepare(x: jax.Array, valid: jax.Array, scale: float) -> jax.Array:
   return jnp.where(valid, x, NEG_INF)
 
 
-def _online(m, x):
+# Row vectors are ``[rows]`` (Triton, plain JAX) or ``[rows, 1]`` (``keepdims``: Mosaic keeps
+# them two-dimensional, in the layout of the tiles they come from).
+
+
+def _col(s: jax.Array, keepdims: bool) -> jax.Array:
+  return s if keepdims else s[:, None]
+
+
+def _online(m, x, keepdims: bool = False):
   """One online log-sum-exp step: the new maximum, the rescale factor of the old sums, e^(x-m).
 
   Triton's maximum drops NaN (maxnumf) where XLA's keeps it; either way a NaN or +inf entry
   reaches the sum through its own ``exp``, so the row's statistics become NaN on every platform.
   """
-  new = jnp.maximum(m, x.max(axis=1))
+  new = jnp.maximum(m, x.max(axis=1, keepdims=keepdims))
   shift = shift_of(new)
   # exp(m - shift) is 0 for an old maximum of -inf (its sums are 0), and NaN carries through.
-  return new, jnp.exp(m - shift), jnp.exp(x - shift[:, None])
+  return new, jnp.exp(m - shift), jnp.exp(x - _col(shift, keepdims))
 
 
-def stats_step(carry, x, y, tilt: bool):
+def stats_step(carry, x, y, tilt: bool, keepdims: bool = False):
   """Merges a tile into ``(max x, sum e^(x - max x), max y, sum e^(y - max y), tilt)``."""
   mx, sx, my, sy, t = carry
-  mx, ax, ex = _online(mx, x)
-  my, ay, ey = _online(my, y)
-  sx = sx * ax + ex.sum(axis=1)
-  sy = sy * ay + ey.sum(axis=1)
+  total = lambda z: z.sum(axis=1, keepdims=keepdims)
+  mx, ax, ex = _online(mx, x, keepdims)
+  my, ay, ey = _online(my, y, keepdims)
+  sx = sx * ax + total(ex)
+  sy = sy * ay + total(ey)
   if tilt:  # 0 log 0 = 0: entries without student mass add nothing, even where y = -inf
-    t = t * ax + where_mass(ex, ex * (x - y)).sum(axis=1)
+    t = t * ax + total(where_mass(ex, ex * (x - y)))
   return mx, sx, my, sy, t
 
 
-def stats_init(rows: int):
-  full = lambda value: jnp.full((rows,), value, jnp.float32)
+def stats_init(shape) -> tuple[jax.Array, ...]:
+  full = lambda value: jnp.full(shape, value, jnp.float32)
   return full(NEG_INF), full(0.0), full(NEG_INF), full(0.0), full(0.0)
 
 
-def mix_step(carry, x, y, sx, sy, beta: float):
+def mix_step(carry, x, y, sx, sy, beta: float, keepdims: bool = False):
   """Adds a tile's ``-sum p log(m / p)`` and ``-sum r log(m / r)`` (shifts ``sx``, ``sy``)."""
   pm, rm = carry
-  lp, lr = x - sx[:, None], y - sy[:, None]
+  total = lambda z: z.sum(axis=1, keepdims=keepdims)
+  lp, lr = x - _col(sx, keepdims), y - _col(sy, keepdims)
   p, r = jnp.exp(lp), jnp.exp(lr)
   gp, gr = mix_terms(lp, lr, beta)
-  return pm + where_mass(p, p * gp).sum(axis=1), rm + where_mass(r, r * gr).sum(axis=1)
+  return pm + total(where_mass(p, p * gp)), rm + total(where_mass(r, r * gr))
 
 
-def grads_tile(x, y, w, stats, k: "Kernel"):
+def grads_tile(x, y, w, stats, k: "Kernel", keepdims: bool = False):
   """``w`` times the gradients into ``x`` and ``y`` of a tile, given the row statistics."""
+  col = lambda s: _col(s, keepdims)
   sx, sy = shift_of(stats[0]), shift_of(stats[1])
-  lp, lr = x - sx[:, None], y - sy[:, None]
+  lp, lr = x - col(sx), y - col(sy)
   p, r = jnp.exp(lp), jnp.exp(lr)
   if k.kind == "kl":
-    dx = where_mass(p, p * ((lp - lr) - stats[2][:, None]))
+    dx = where_mass(p, p * ((lp - lr) - col(stats[2])))
     dy = r - p
   else:
     gp, gr = mix_terms(lp, lr, k.beta)
-    dx = (1.0 - k.beta) * where_mass(p, p * (gp - stats[2][:, None]))
-    dy = k.beta * where_mass(r, r * (gr - stats[3][:, None]))
-  return w[:, None] * dx, w[:, None] * dy
+    dx = (1.0 - k.beta) * where_mass(p, p * (gp - col(stats[2])))
+    dy = k.beta * where_mass(r, r * (gr - col(stats[3])))
+  return col(w) * dx, col(w) * dy
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,7 +244,7 @@ def _stats_kernel(x_ref, y_ref, mask_ref, *out_refs, n: int, v: int, k: Kernel):
     y, _ = _load(y_ref, rows, j, keep, row_in, v, k)
     return stats_step(carry, x, y, k.kind == "kl")
 
-  out = jax.lax.fori_loop(0, pl.cdiv(v, k.tiles.vocab), body, stats_init(k.tiles.rows))
+  out = jax.lax.fori_loop(0, pl.cdiv(v, k.tiles.vocab), body, stats_init((k.tiles.rows,)))
   _store_rows(out_refs, out[:len(out_refs)], rows, row_in)
 
 
@@ -334,12 +349,22 @@ def varying(x) -> frozenset:
   return _varying(x)
 
 
+def cast_varying(x, axes: frozenset):
+  """``x`` marked as varying over ``axes`` too (inside ``shard_map``)."""
+  return _cast_varying(x, axes)
+
+
+def struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
+  """An output type varying over the mesh axes ``like`` varies over."""
+  return _struct(shape, dtype, like)
+
+
 def _whole(x, mask, k: Kernel) -> jax.Array:
   return prepare(x, (mask != 0)[:, None], k.scale)
 
 
 def row_stats(x, y, mask, k: Kernel, *, interpret: bool, emulate: bool = False):
-  """The forward pass: one read of ``x`` and ``y``, the online row statistics.
+  r"""The forward pass: one read of ``x`` and ``y``, the online row statistics.
 
   With :math:`M_x = \max_v x_v`, :math:`S_x = \sum_v e^{x_v - M_x}` (likewise for ``y``) and
   the tilt :math:`T = \sum_v e^{x_v - M_x} (x_v - y_v)` (KL only), merged tile by tile as
@@ -360,7 +385,7 @@ def row_stats(x, y, mask, k: Kernel, *, interpret: bool, emulate: bool = False):
   n, v = x.shape
   count = 5 if k.kind == "kl" else 4
   if emulate:
-    out = stats_step(stats_init(n), _whole(x, mask, k), _whole(y, mask, k), k.kind == "kl")
+    out = stats_step(stats_init((n,)), _whole(x, mask, k), _whole(y, mask, k), k.kind == "kl")
     return out[:count]
   kernel = functools.partial(_stats_kernel, n=n, v=v, k=k)
   return _call(kernel, [((n,), jnp.float32)] * count, n, k, interpret, "klagg_divergence_stats",
@@ -368,7 +393,7 @@ def row_stats(x, y, mask, k: Kernel, *, interpret: bool, emulate: bool = False):
 
 
 def mix_sums(x, y, mask, lx, ly, k: Kernel, *, interpret: bool, emulate: bool = False):
-  """The js pass: one more read of ``x`` and ``y`` given both log-normalizers.
+  r"""The js pass: one more read of ``x`` and ``y`` given both log-normalizers.
 
   .. math::
 
@@ -396,7 +421,7 @@ def mix_sums(x, y, mask, lx, ly, k: Kernel, *, interpret: bool, emulate: bool = 
 
 
 def row_grads(x, y, mask, w, stats, k: Kernel, *, interpret: bool, emulate: bool = False):
-  """The backward pass: one more read of ``x`` and ``y``, one write of each gradient wanted.
+  r"""The backward pass: one more read of ``x`` and ``y``, one write of each gradient wanted.
 
   .. math::
 

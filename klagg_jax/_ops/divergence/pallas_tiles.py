@@ -54,6 +54,9 @@ TABLE: dict[tuple[str, int | None], Tiles] = {}
 # Safe defaults per family: small enough for any GPU's registers at float32, large enough that
 # a tile is several KB per row.
 GPU_DEFAULT = Tiles(rows=1, vocab=4096, num_warps=8, num_stages=2)
+# Mosaic (TPU): 64 x 2048 blocks, aligned to the bfloat16 (16, 128) tile; a few MiB of VMEM
+# with their float32 temporaries. Unmeasured. (Warps and stages are Triton's: unused.)
+TPU_DEFAULT = Tiles(rows=64, vocab=2048, num_warps=1, num_stages=1)
 # The interpreter runs one grid step per loop iteration: fewer, larger steps are faster.
 INTERPRET_DEFAULT = Tiles(rows=8, vocab=2048, num_warps=1, num_stages=1)
 
@@ -74,18 +77,22 @@ def vocab_bucket(v: int) -> int | None:
   return None
 
 
-def lookup(device_kind: str | None, v: int, *, interpret: bool = False) -> Tiles:
+def lookup(device_kind: str | None, v: int, *, interpret: bool = False,
+           tpu: bool = False) -> Tiles:
   """Tiles for a call over ``v`` vocabulary entries on ``device_kind`` (None: unknown GPU).
 
   Args:
     device_kind: ``jax.Device.device_kind`` of the GPU the kernel runs on, or None.
     v: the vocabulary size the kernel sees (per shard when sharded).
     interpret: the CPU interpreter's tiles instead of a GPU's.
+    tpu: the Mosaic kernels' tiles.
 
   Returns:
     The table's row for the device family and vocabulary bucket, else the family default.
   """
   if interpret:
     return INTERPRET_DEFAULT
+  if tpu:
+    return TABLE.get(("tpu", vocab_bucket(v)), TPU_DEFAULT)
   key = (family(device_kind or ""), vocab_bucket(v))
   return TABLE.get(key, GPU_DEFAULT)
