@@ -3,7 +3,9 @@
 A kernel program owns ``rows`` rows and walks the vocabulary in tiles of ``vocab`` entries; on
 GPU, ``num_warps`` and ``num_stages`` go to Triton. The table is keyed on a device-kind family
 and a vocabulary bucket, and ``benchmarks/pallas_sweep.py`` writes rows in its format. Every
-size is a power of two, as Triton's block shapes must be.
+size is a power of two, as Triton's block shapes must be; the TPU kernels align them to Mosaic's
+``(16, 128)`` tile (or take a whole short axis) at call time. Only measured rows enter
+``TABLE``: until a GPU sweep is recorded it is empty and the defaults below apply.
 """
 
 from __future__ import annotations
