@@ -24,6 +24,11 @@ Computed floors from rates measured in the same run (`_floors.py`): bytes moved 
 bandwidth of a large copy ("x byte floor", kl and barrier), matmul FLOPs over the rate of a large
 matmul ("x FLOP floor", fused workloads).
 
+klagg rows at other implementations (`implementation="xla"`, `"pallas"`: `--implementations`)
+sit beside the default; one the library does not know yet is a skipped row. With `"pallas"`, a
+row calls the Pallas kernel's entry point directly (kl), and `--pallas-tiles` registers the tile
+table rows of a `pallas_sweep.py` run first.
+
 PyTorch-side peers run where JAX runs: torch on the host beside a CPU JAX; torch eager,
 `torch.compile` and Liger-Kernel on the GPU beside a GPU JAX. A peer that cannot run here is a
 skipped row with a note, never an error.

@@ -55,6 +55,10 @@ if jax.device_count() < N_DEV and not CHILD:
 else:
   pytestmark = pytest.mark.skipif(jax.device_count() < N_DEV, reason="needs 8 devices")
 
+  def make_mesh(axis_type):
+    return jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2,
+                         devices=jax.devices()[:N_DEV])
+
   def data(seed=0):
     rng = np.random.default_rng(seed)
     a = (2 * rng.standard_normal((N, V))).astype(np.float32)
@@ -102,19 +106,19 @@ else:
             jax.device_put(w, rows))
 
   def test_runs_on_8_devices():
-    assert jax.device_count() == N_DEV
+    assert jax.device_count() >= N_DEV
 
   @pytest.mark.parametrize("direction,layout", [("reverse", "batch"), ("reverse", "vocab"),
                                                 ("js", "both"), ("forward", "both")])
   def test_classic_mesh_runs_per_shard(direction, layout):
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    mesh = make_mesh(AxisType.Auto)
     arrays = data()
     want = jax.jit(loss(direction))(*arrays)
     check(loss(direction), put(mesh, arrays, LAYOUTS[layout]), want, f"{direction} {layout}")
 
   @pytest.mark.parametrize("layout", ["batch", "both"])
   def test_explicit_mesh_runs_per_shard(layout):
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    mesh = make_mesh(AxisType.Explicit)
     arrays = data(1)
     want = jax.jit(loss("reverse"))(*arrays)
     with jax.set_mesh(mesh):
@@ -122,7 +126,7 @@ else:
 
   def test_inside_shard_map_with_a_vocabulary_axis():
     """The library's sharded path: per-device blocks, statistics merged over ``vocab_axis``."""
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    mesh = make_mesh(AxisType.Auto)
     arrays = data(2)
     want = jax.jit(loss("js"))(*arrays)
     logits, rows = P("data", "model"), P("data")
@@ -140,7 +144,7 @@ else:
   def test_shard_map_program_exports_for_cuda_with_the_triton_kernels():
     """Sharded export goes through ``shard_map`` (``custom_partitioning``'s partitioner is a
     host callback, which ``jax.export`` cannot serialize)."""
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    mesh = make_mesh(AxisType.Auto)
     n, v = 64, 128256
     local_spec = Spec(direction="reverse", beta=0.5, inv_temperature=1.0,
                       chunks=Chunking(None, v), vocab_axis="model")
