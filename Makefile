@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # it skips, screens of them on some machines' configurations.
 PIP_INSTALL := $(PIP) install -qq --disable-pip-version-check
 
-.PHONY: demo examples test docs dist dist-check bench bench-quick bench-gpu bench-gpu-dry gpu-wheels experiment experiment-quick clean
+.PHONY: demo examples test docs dist dist-check bench bench-quick bench-gpu bench-gpu-dry pallas-sweep gpu-wheels experiment experiment-quick clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -72,9 +72,14 @@ bench-quick: $(VENV)/.installed-bench
 	$(PY) benchmarks/run.py --quick
 
 # On a lent GPU machine (no network, its own python3 with jax, torch, pytest): no venv is made.
-# Results in benchmarks/out/gpu-check/ (or $$OUT). See BENCHMARKS.md, "On a GPU".
+# The Pallas tile sweep, then the benchmark (its "pallas" rows on the sweep's best tiles), then
+# the tests. Results in benchmarks/out/gpu-check/ (or $$OUT). See BENCHMARKS.md, "On a GPU".
 bench-gpu:
 	bash benchmarks/gpu_check.sh
+
+# The Pallas divergence kernel's tile sweep alone (a GPU, under 3 minutes).
+pallas-sweep:
+	$(PYTHON) benchmarks/pallas_sweep.py --out benchmarks/out
 
 # The same steps at tiny sizes on this CPU, in under a minute.
 bench-gpu-dry: $(VENV)/.installed-dev

@@ -13,6 +13,11 @@ read and write bytes). A fused LM-head loss with its gradient w.r.t. hidden and 
 four `[N, D] x [D, V]`-sized matmuls (student and reference logits, then d hidden and d weight),
 with R the rate of one large `[M, M] x [M, M]` matmul in the case's dtype. Both rates are
 measured once per run (`Rates`), so every ratio compares numbers from one device and one run.
+
+The copy pass is itself an XLA kernel and sits below the card's bandwidth (2.27 TB/s on an H100
+SXM, whose memory is specified at 3.35 TB/s), so the byte floors also state the time at the
+card's spec-sheet bandwidth where the card is known (`SPEC_BANDWIDTH`): the floor no kernel can
+beat, beside the one an XLA copy reaches.
 """
 
 from __future__ import annotations
@@ -48,6 +53,33 @@ def bytes_moved(workload: str, params: dict[str, Any]) -> int | None:
   if arrays is None:
     return None
   return arrays * params["n"] * params["v"] * ITEMSIZE[params["dtype"]]
+
+
+# Spec-sheet memory bandwidth (bytes per second) of known cards, matched on the lower-cased
+# device kind: (substrings that must all appear, substrings that must not, bandwidth, label).
+# NVIDIA's datasheets: H100 SXM5 3.35 TB/s (the PCIe and NVL cards differ), H200 4.8 TB/s,
+# A100 80GB 2.0 TB/s (SXM4 2.04, PCIe 1.94).
+SPEC_BANDWIDTH: tuple[tuple[tuple[str, ...], tuple[str, ...], float, str], ...] = (
+    (("h200",), (), 4.8e12, "H200"),
+    (("h100",), ("pcie", "nvl"), 3.35e12, "H100 SXM"),
+    (("a100", "80gb"), (), 2.0e12, "A100 80GB"),
+)
+
+
+def spec_bandwidth(device_kind: str | None) -> tuple[float, str] | None:
+  """(bytes per second, card) of the spec-sheet bandwidth of `device_kind`, or None if unknown.
+
+  Args:
+    device_kind: `jax.Device.device_kind`, e.g. "NVIDIA H100 80GB HBM3".
+
+  Returns:
+    The first matching row of `SPEC_BANDWIDTH` as (bandwidth, label), else None.
+  """
+  kind = (device_kind or "").lower()
+  for need, avoid, bandwidth, label in SPEC_BANDWIDTH:
+    if all(x in kind for x in need) and not any(x in kind for x in avoid):
+      return bandwidth, label
+  return None
 
 
 def matmul_flops(params: dict[str, Any]) -> int:
@@ -115,6 +147,7 @@ class Rates:
 
   copy_bytes: int
   matmul_size: int
+  device_kind: str | None = None
   bandwidth: float | None = None
   copy_s: float | None = None
   matmul: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
@@ -130,8 +163,11 @@ class Rates:
     return self.matmul[dtype][0]
 
   def summary(self) -> dict[str, Any]:
-    """What was measured, for the JSON header."""
+    """What was measured, for the JSON header (and the card's spec bandwidth, when known)."""
+    spec = spec_bandwidth(self.device_kind)
     return {
+        "spec_bandwidth_bytes_per_s": spec[0] if spec else None,
+        "spec_card": spec[1] if spec else None,
         "copy_bytes": self.copy_bytes, "copy_median_s": self.copy_s,
         "copy_bandwidth_bytes_per_s": self.bandwidth, "matmul_size": self.matmul_size,
         "matmul_flops_per_s": {k: v[0] for k, v in self.matmul.items()},
@@ -146,7 +182,12 @@ class Rates:
     nbytes = bytes_moved(workload, params)
     if nbytes is not None:
       bw = self.bytes_per_s()
-      return floor_s(nbytes, bw), f"{nbytes / 1e9:.4g} GB at {bw / 1e9:.4g} GB/s (x + 1 pass)"
+      how = f"{nbytes / 1e9:.4g} GB at {bw / 1e9:.4g} GB/s (x + 1 pass)"
+      spec = spec_bandwidth(self.device_kind)
+      if spec is not None:
+        how += (f"; {floor_s(nbytes, spec[0]) * 1e3:.4g} ms at the {spec[1]}'s spec "
+                f"{spec[0] / 1e12:.3g} TB/s")
+      return floor_s(nbytes, bw), how
     if workload in ("fused", "fused_js"):
       flops, rate = matmul_flops(params), self.flops_per_s(params["dtype"])
       how = (f"8NDV = {flops / 1e12:.4g} TFLOP at {rate / 1e12:.4g} TFLOP/s "

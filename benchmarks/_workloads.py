@@ -16,6 +16,7 @@ import dataclasses
 import inspect
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -107,13 +108,61 @@ def _row(name: str, family: str, make: Callable, check: str | None = None) -> H.
 
 
 def klagg_variants(params: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-  """The extra klagg rows a case asks for: `implementation="xla"` and forced chunk sizes.
+  """The extra klagg rows a case asks for: other implementations and forced chunk sizes.
 
-  Returns `(row name suffix, keyword arguments)` pairs, from `params["xla"]` and
-  `params["chunks"]`.
+  Returns `(row name suffix, keyword arguments)` pairs, from `params["xla"]`,
+  `params["implementations"]` and `params["chunks"]`.
   """
-  out = [(" implementation='xla'", {"implementation": "xla"})] if params.get("xla") else []
+  impls = (["xla"] if params.get("xla") else []) + list(params.get("implementations", ()))
+  out = [(f" implementation='{i}'", {"implementation": i}) for i in dict.fromkeys(impls)]
   return out + [(f" chunk_size={c}", {"chunk_size": c}) for c in params.get("chunks", ())]
+
+
+def known_implementation(kwargs: dict[str, Any]) -> None:
+  """Raises `Unavailable` when the library rejects `kwargs["implementation"]` (not yet there)."""
+  if "implementation" not in kwargs:
+    return
+  fn = ka_with("kl_per_position", kwargs)
+  tiny = jax.ShapeDtypeStruct((1, 2), jnp.float32)
+  try:
+    jax.eval_shape(lambda a, b: fn(a, b, implementation=kwargs["implementation"]), tiny, tiny)
+  except ValueError as e:
+    raise H.Unavailable(f"implementation={kwargs['implementation']!r} not in this build: "
+                        f"{e}") from None
+
+
+def pallas_entry() -> Callable:
+  """The Pallas divergence kernel's own entry, as a `[N, V]` -> `[N]` reverse KL (temperature 1)."""
+  try:
+    from klagg_jax._chunked import Chunking
+    from klagg_jax._ops.divergence.base import Spec
+    from klagg_jax._ops.divergence import pallas
+  except ImportError as e:
+    raise H.Unavailable(f"the Pallas kernel is not importable here ({e})") from None
+
+  def kl(a, b):
+    spec = Spec("reverse", 0.5, 1.0, Chunking(None, a.shape[-1]))
+    return pallas.divergence_rows(a, b, jnp.ones(a.shape[:1], bool), spec)
+
+  return kl
+
+
+def register_pallas_tiles(path: str) -> str:
+  """Registers the tile table rows of a `pallas_sweep.py` JSON; says what it did."""
+  import json
+  try:
+    from klagg_jax._ops.divergence import pallas_tiles
+  except ImportError as e:
+    return f"not registered ({e})"
+  try:
+    rows = json.loads(Path(path).read_text())["table"]
+  except (OSError, ValueError, KeyError) as e:
+    return f"not registered ({type(e).__name__}: {e})"
+  for row in rows:
+    key = (row["family"], row["vocab_bucket"])
+    pallas_tiles.TABLE[key] = pallas_tiles.Tiles(**row["tiles"])
+  return f"{len(rows)} row(s) from {path}: " + "; ".join(
+      f"{r['family']} V<={r['vocab_bucket']}: {r['tiles']}" for r in rows)
 
 
 def _platform(dev: dict[str, Any]) -> str:
@@ -246,13 +295,17 @@ def rows_kl(case: Case, dev: dict[str, jax.Array]) -> list[H.Impl]:
 
   def variant(kwargs):
     f = ka_with("kl_per_position", kwargs)
+    known_implementation(kwargs)
     return (lambda x, r: f(x, r, **kwargs)), (a, b)
 
+  direct = ([_row("klagg pallas kernel (entry point)", "klagg", lambda: (pallas_entry(), (a, b)),
+                  "kl")] if "pallas" in case.params.get("implementations", ()) else [])
   return [
       *_floors(a, b),
       _row("klagg", "klagg", lambda: (ka("kl_per_position"), (a, b)), "kl"),
       *[_row("klagg" + suffix, "klagg", lambda kw=kw: variant(kw), "kl")
         for suffix, kw in klagg_variants(case.params)],
+      *direct,
       _row("jax.numpy", "jax", lambda: (peers.jnp_kl, (a, b)), "kl"),
       _row("optax", "jax", lambda: (peers.optax_kl, (a, b)), "kl"),
       _host_row("numpy", case, dev, 6, "kl"),
@@ -268,6 +321,7 @@ def rows_barrier(case: Case, dev: dict[str, jax.Array]) -> list[H.Impl]:
   def klagg(kwargs=None):
     kwargs = kwargs or {}
     barrier = ka_with("kl_barrier", kwargs)
+    known_implementation(kwargs)
 
     def loss(x, r):
       return barrier(x.reshape(n // t, t, v), r.reshape(n // t, t, v), agg=agg, **kwargs)[0]

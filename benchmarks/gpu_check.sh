@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One command for a lent GPU: the accelerator benchmark, then the test suite, budgeted to 5 minutes.
+# One command for a lent GPU: the Pallas tile sweep, the accelerator benchmark, then the test suite,
+# budgeted to about 9 minutes (150 s + 150 s + 240 s, and the time-outs' grace).
 #
 #   bash benchmarks/gpu_check.sh             # on the GPU machine, from anywhere in the checkout
 #   bash benchmarks/gpu_check.sh --dry-run   # here, on a CPU: the same steps at tiny sizes (< 1 min)
@@ -15,9 +16,13 @@
 #        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #          --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 #   2. The environment: GPU, driver, versions.
+#   2b. `benchmarks/pallas_sweep.py`: the Pallas divergence kernel's tiles at N=8192, V=131072
+#      (bf16), against the chunked kernel, under $SWEEP_BUDGET_S s; its best tiles are passed to
+#      the benchmark (--pallas-tiles), whose "implementation='pallas'" rows use them.
 #   3. `benchmarks/run.py --gpu`: KL forward and rmse-barrier value+grad at N=8192, V=131072
 #      (bf16, f32) and the fused JSD at BT=8192, H=4096, V=128256 (bf16), klagg against
-#      jax.numpy, optax, torch eager / torch.compile and Liger-Kernel, with floors and agreement
+#      jax.numpy, optax, torch eager / torch.compile and Liger-Kernel (and klagg's
+#      implementation='xla' / 'pallas' rows), with floors and agreement
 #      checks, under a budget of $BENCH_BUDGET_S s (rows that would start later are skipped) and a
 #      hard limit $BENCH_GRACE_S s beyond it. If it dies (not a time-out), it is run again without
 #      the PyTorch peers with what time is left.
@@ -25,8 +30,8 @@
 #      with the summary of what ran.
 # Everything lands in $OUT (default benchmarks/out/gpu-check): run.py's
 # <device-kind>-<date>.{md,json,png}, gpu_check.log (all output), pytest.log.
-# Knobs (environment): OUT, PYTHON (python3), SITE (/tmp/site), BENCH_BUDGET_S (150),
-# BENCH_GRACE_S (60), TEST_BUDGET_S (240), PYTEST_WORKERS (8).
+# Knobs (environment): OUT, PYTHON (python3), SITE (/tmp/site), SWEEP_BUDGET_S (150),
+# BENCH_BUDGET_S (150), BENCH_GRACE_S (60), TEST_BUDGET_S (240), PYTEST_WORKERS (8).
 
 set -u
 export PYTHONUNBUFFERED=1
@@ -43,12 +48,14 @@ esac
 
 PY="${PYTHON:-python3}"
 SITE="${SITE:-/tmp/site}"
+SWEEP_BUDGET_S="${SWEEP_BUDGET_S:-150}"
 BENCH_BUDGET_S="${BENCH_BUDGET_S:-150}"
 BENCH_GRACE_S="${BENCH_GRACE_S:-60}"
 TEST_BUDGET_S="${TEST_BUDGET_S:-240}"
 PYTEST_WORKERS="${PYTEST_WORKERS:-8}"
 if [ "$DRY" = 1 ]; then
   OUT="${OUT:-$ROOT/benchmarks/out/gpu-check-dry}"
+  SWEEP_BUDGET_S=20
   BENCH_BUDGET_S="${BENCH_BUDGET_S_DRY:-40}"
   BENCH_GRACE_S=20
   TEST_BUDGET_S=40
@@ -99,10 +106,19 @@ import jax
 print("jax devices:", jax.devices(), "kind:", jax.devices()[0].device_kind)
 EOF
 
+# 2b. The Pallas tile sweep.
+step "2b. Pallas tile sweep (budget ${SWEEP_BUDGET_S} s)"
+SWEEP_ARGS=(--budget-s "$SWEEP_BUDGET_S" --out "$OUT")
+[ "$DRY" = 1 ] && SWEEP_ARGS+=(--tiny)
+timeout -k 15 $((SWEEP_BUDGET_S + 60)) "$PY" benchmarks/pallas_sweep.py "${SWEEP_ARGS[@]}"
+echo "sweep exit status $?"
+SWEEP_JSON="$(ls -t "$OUT"/pallas-sweep-*.json 2>/dev/null | head -n 1)"
+
 # 3. The benchmark.
 step "3. benchmark (budget ${BENCH_BUDGET_S} s, hard limit $((BENCH_BUDGET_S + BENCH_GRACE_S)) s)"
 BENCH_ARGS=(--gpu --budget-s "$BENCH_BUDGET_S" --out "$OUT")
 [ "$DRY" = 1 ] && BENCH_ARGS+=(--tiny)
+[ -n "$SWEEP_JSON" ] && BENCH_ARGS+=(--pallas-tiles "$SWEEP_JSON")
 start=$SECONDS
 timeout -k 15 $((BENCH_BUDGET_S + BENCH_GRACE_S)) "$PY" benchmarks/run.py "${BENCH_ARGS[@]}"
 rc=$?

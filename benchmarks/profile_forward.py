@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import klagg_jax as ka
-from klagg_jax import _divergence
-from klagg_jax._chunked import default_chunk_rows, scan_row_chunks
+from klagg_jax._ops.divergence import base as _divergence
+from klagg_jax import _config
+from klagg_jax._chunked import scan_row_chunks
 
 
 def _chunked(block, chunk):
@@ -39,7 +40,7 @@ def stages(chunk):
     return _divergence.log_normalizer(x) + _divergence.log_normalizer(y)
 
   def full(x, y):
-    return _divergence.block_forward(x, y, _divergence.Spec("reverse", 0.5, 1.0, chunk))[0]
+    return _divergence.block_forward(x, y, _divergence.Spec("reverse", 0.5, 1.0, None))[0]
 
   return {
       "read floor (sum both, one pass)": jax.jit(lambda a, b: a.sum() + b.sum()),
@@ -60,7 +61,7 @@ def main() -> int:
   keys = jax.random.split(jax.random.key(0))
   a = jax.random.normal(keys[0], (args.n, args.v)) * 2
   b = jax.random.normal(keys[1], (args.n, args.v)) * 2
-  chunk = default_chunk_rows(args.n, args.v)
+  chunk = min(args.n, _config.CPU.rows(args.v))  # the CPU block of the default plan
   fns = stages(chunk)
   for f in fns.values():
     jax.block_until_ready(f(a, b))

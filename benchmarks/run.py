@@ -24,6 +24,11 @@ Computed floors from rates measured in the same run (`_floors.py`): bytes moved 
 bandwidth of a large copy ("x byte floor", kl and barrier), matmul FLOPs over the rate of a large
 matmul ("x FLOP floor", fused workloads).
 
+klagg rows at other implementations (`implementation="xla"`, `"pallas"`: `--implementations`)
+sit beside the default; one the library does not know yet is a skipped row. With `"pallas"`, a
+row calls the Pallas kernel's entry point directly (kl), and `--pallas-tiles` registers the tile
+table rows of a `pallas_sweep.py` run first.
+
 PyTorch-side peers run where JAX runs: torch on the host beside a CPU JAX; torch eager,
 `torch.compile` and Liger-Kernel on the GPU beside a GPU JAX. A peer that cannot run here is a
 skipped row with a note, never an error.
@@ -88,7 +93,10 @@ class Config:
   `budget_s`: per case, fewer timed rounds (never below 3) when `repeats` would take longer;
   `total_budget_s`: for the whole run, rows that would start later are skipped.
   `chunks` / `xla`: extra klagg rows at forced `chunk_size`s / at `implementation="xla"` (kl and
-  barrier). `fused_js_shapes` are (N, D, V) for the `fused_js` workload, run in `fused_js_dtypes`
+  barrier); `implementations`: extra klagg rows at each `implementation=` named (kl and barrier;
+  a name the library does not know yet gives a skipped row), and for `"pallas"` a row calling the
+  Pallas kernel's entry point directly (kl). `pallas_tiles`: a `pallas_sweep.py` JSON whose
+  table rows are registered before the run. `fused_js_shapes` are (N, D, V) for the `fused_js` workload, run in `fused_js_dtypes`
   with `fused_js_beta` and extra rows at `fused_js_chunks`. `copy_bytes` and `matmul_size` size
   the passes that measure the bandwidth and matmul rate of the computed floors.
   """
@@ -100,6 +108,8 @@ class Config:
   aggs: tuple[str, ...] = ("rmse", "p95", "soft_p95")
   chunks: tuple[int, ...] = ()
   xla: bool = False
+  implementations: tuple[str, ...] = ()
+  pallas_tiles: str | None = None
   fused_js_shapes: tuple[tuple[int, int, int], ...] = ()
   fused_js_dtypes: tuple[str, ...] = ("bf16",)
   fused_js_beta: float = 0.5
@@ -135,7 +145,7 @@ TINY = Config(shapes=((64, 512),), bf16=("kl",), aggs=("rmse", "soft_p95"), seq_
 # bf16 first: when the budget runs out, the f32 rows are the ones lost.
 GPU = Config(shapes=((8192, 131072),), dtypes=("bf16", "f32"), bf16=("kl", "barrier"),
              workloads=("kl", "barrier", "fused_js"), aggs=("rmse",), chunks=(512, 2048, 8192),
-             xla=True, fused_js_shapes=((8192, 4096, 128256),), fused_js_chunks=(1024, 4096, 8192),
+             xla=True, implementations=("pallas",), fused_js_shapes=((8192, 4096, 128256),), fused_js_chunks=(1024, 4096, 8192),
              rss_workloads=(), repeats=10, warmup=2, budget_s=15.0, copy_bytes=2**30,
              matmul_size=8192, total_budget_s=150.0)
 # The same rows at shapes a CPU runs in seconds (`gpu_check.sh --dry-run`).
@@ -148,7 +158,8 @@ GPU_TINY = dataclasses.replace(GPU, shapes=((256, 2048),), seq_len=64, chunks=(3
 def make_cases(cfg: Config) -> list[W.Case]:
   """Every case, ordered so that cases sharing inputs are adjacent (inputs are made once)."""
   cases = []
-  variants = {"chunks": list(cfg.chunks), "xla": cfg.xla}
+  variants = {"chunks": list(cfg.chunks), "xla": cfg.xla,
+              "implementations": list(cfg.implementations)}
   for dtype in cfg.dtypes:
     for n, v in cfg.shapes:
       base, nv = {"n": n, "v": v, "dtype": dtype}, {"n": n, "v": v}
@@ -409,6 +420,10 @@ def markdown(env: dict[str, Any], results: list[H.Result], captions: dict[str, s
             f"GB/s (`x + 1` over {rates['copy_bytes'] / 2**20:.0f} MiB of float32, read + write)")
     for dt, rate in rates.get("matmul_flops_per_s", {}).items():
       line += f"; {dt} matmul {rate / 1e12:.4g} TFLOP/s ({rates['matmul_size']}^3)"
+    if rates.get("spec_bandwidth_bytes_per_s"):
+      line += (f". The {rates['spec_card']}'s spec bandwidth: "
+               f"{rates['spec_bandwidth_bytes_per_s'] / 1e12:.3g} TB/s, the byte floors' notes "
+               "give the time at that rate too")
     lines += [line + ".", ""]
   ratios = {"agg": ("share of KL", None), "fused": ("x matmul floor", "x FLOP floor"),
             "fused_js": ("x matmul floor", "x FLOP floor")}
@@ -498,6 +513,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--budget-s", type=float,
                  help="wall-clock budget of the whole run; later rows are skipped")
   p.add_argument("--no-torch", action="store_true", help="skip the PyTorch and Liger rows")
+  p.add_argument("--implementations",
+                 help="comma-separated extra klagg implementation= rows (kl, barrier), e.g. pallas")
+  p.add_argument("--pallas-tiles", type=Path,
+                 help="a pallas_sweep.py JSON whose tile table rows are used by the pallas rows")
   p.add_argument("--torch-compile", action="store_true",
                  help="run the torch.compile rows on a CPU too (slow to compile)")
   p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocess probes")
@@ -532,6 +551,11 @@ def config_from(args: argparse.Namespace) -> Config:
       raise SystemExit(f"--workloads: expected some of {','.join(W.WORKLOADS)}, "
                        f"got {args.workloads}")
     cfg = dataclasses.replace(cfg, workloads=workloads)
+  if args.implementations is not None:
+    cfg = dataclasses.replace(cfg, implementations=tuple(
+        x for x in args.implementations.split(",") if x))
+  if args.pallas_tiles is not None:
+    cfg = dataclasses.replace(cfg, pallas_tiles=str(args.pallas_tiles))
   if args.repeats:
     cfg = dataclasses.replace(cfg, repeats=args.repeats, budget_s=None)
   if args.warmup:
@@ -576,7 +600,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   env["peers"] = peer_plan
   log(f"{env['device_kind']} | jax {env['jax']} | {env['cpu_model']} x{env['cpu_count']}")
   budget = H.Budget(cfg.total_budget_s)
-  rates = _floors.Rates(copy_bytes=cfg.copy_bytes, matmul_size=cfg.matmul_size)
+  rates = _floors.Rates(copy_bytes=cfg.copy_bytes, matmul_size=cfg.matmul_size,
+                        device_kind=jax.devices()[0].device_kind)
+  if cfg.pallas_tiles:
+    log(f"pallas tiles: {W.register_pallas_tiles(cfg.pallas_tiles)}")
   suffix = args.suffix if args.suffix is not None else (
       "-tiny" if args.tiny else "-quick" if args.quick else "")
   stem = H.result_stem(args.out, H.device_slug(), env["date"], suffix)

@@ -44,3 +44,21 @@ def plain64(a, b, direction, beta=0.5):
                      math.log(beta) + jnp.where(both, 0.0, lr))
   lm = jnp.where(both, -jnp.inf, lm)
   return beta * kl(lr, lm) + (1 - beta) * kl(lp, lm)
+
+
+def cuda_target(device_kind: str = "NVIDIA H100 80GB HBM3"):
+  """A context for exporting Pallas' Triton kernels for CUDA from a machine without a GPU.
+
+  Newer JAX (0.12) reads the target GPU off an abstract mesh's device when lowering a Triton
+  kernel with no GPU present; JAX 0.10 lowers without one (and its AbstractMesh takes no
+  device), so there this is a no-op.
+  """
+  from jax.sharding import AbstractMesh
+  device = getattr(jax.sharding, "AbstractDevice", None)
+  if device is None:
+    return contextlib.nullcontext()
+  try:
+    mesh = AbstractMesh((1,), ("_gpu",), abstract_device=device(device_kind, None, "gpu"))
+  except TypeError:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(mesh)

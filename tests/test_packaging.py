@@ -105,3 +105,14 @@ def test_package_data_ships_py_typed():
   assert (ROOT / "klagg_jax" / "py.typed").is_file()
   assert "py.typed" in tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"][
       "package-data"]["klagg_jax"]
+
+
+def test_every_module_compiles_without_warnings():
+  """Invalid escapes in docstrings (``\\m`` of LaTeX) warn on Python 3.11 and are a
+  SyntaxWarning from 3.12 on: an error where warnings are errors. Math docstrings are raw."""
+  import warnings
+  root = pathlib.Path(__file__).resolve().parents[1]
+  for path in sorted((root / "klagg_jax").rglob("*.py")):
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      compile(path.read_text(), str(path), "exec")

@@ -16,10 +16,11 @@ import jax.numpy as jnp
 from klagg_jax import _checks, _sharding
 from klagg_jax._chunked import chunking
 from klagg_jax._ops import eager, registry, transform
-from klagg_jax._ops.divergence import chunked, xla
+from klagg_jax._ops.divergence import chunked, pallas, xla
 from klagg_jax._ops.divergence.base import Spec, resolve_direction
 
-IMPLEMENTATIONS = {"chunked": chunked.divergence_rows, "xla": xla.divergence_rows}
+IMPLEMENTATIONS = {"chunked": chunked.divergence_rows, "xla": xla.divergence_rows,
+                   "pallas": pallas.divergence_rows}
 
 
 @eager.jit_when_eager
@@ -81,7 +82,7 @@ def kl_per_position(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLi
                     partition: _sharding.Partition | None = None,
                     implementation: str | Sequence[str] | None = None,
                     softcap: float | None = None, ref_softcap: float | None = None) -> jax.Array:
-  """Divergence between the student's and the reference's next-token distributions, per position.
+  r"""Divergence between the student's and the reference's next-token distributions, per position.
 
   With p = softmax(s(logits) / T) and r = softmax(s_ref(ref_logits) / T) over the last axis,
   where s is the soft-cap (the identity without one, see ``softcap``):

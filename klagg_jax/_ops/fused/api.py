@@ -152,7 +152,7 @@ def fused_linear_kl(hidden: jax.typing.ArrayLike, weight: jax.typing.ArrayLike,
                     partition: _sharding.Partition | None = None,
                     implementation: str | Sequence[str] | None = None,
                     softcap: float | None = None, ref_softcap: float | None = None) -> jax.Array:
-  """Divergence with logits = hidden @ weight + bias, never materializing ``[N, V]`` logits.
+  r"""Divergence with logits = hidden @ weight + bias, never materializing ``[N, V]`` logits.
 
   Same semantics as :func:`kl_per_position` applied to z = ``hidden @ weight + bias`` and
   z_ref = ``ref_hidden @ ref_weight + ref_bias`` (``"reverse"``: KL(p || r), ``"forward"``:
@@ -293,7 +293,7 @@ def fused_linear_kl_topk(hidden: jax.typing.ArrayLike, weight: jax.typing.ArrayL
                          partition: _sharding.Partition | None = None,
                          implementation: str | Sequence[str] | None = None,
                          softcap: float | None = None) -> jax.Array:
-  """:func:`kl_topk` of the logits ``hidden @ weight + bias``, never materializing them.
+  r""":func:`kl_topk` of the logits ``hidden @ weight + bias``, never materializing them.
 
   Same value as ``kl_topk(hidden @ weight + bias, ref_logprobs, ref_indices, ...)``: both
   distributions coarsened onto the k stored entries and one tail bucket, ``"forward"`` (default)

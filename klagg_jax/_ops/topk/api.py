@@ -139,7 +139,7 @@ def topk_logprobs(ref_logits: jax.typing.ArrayLike, k: int, *,
                   partition: _sharding.Partition | None = None,
                   implementation: str | Sequence[str] | None = None,
                   softcap: float | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """What to store of a teacher per position: its top-k log-probs, their indices, its tail.
+  r"""What to store of a teacher per position: its top-k log-probs, their indices, its tail.
 
   With r = softmax(s(ref_logits) / T), s the soft-cap (see ``softcap``): the k largest log r_v
   sorted by decreasing probability (ties by lower index; ``-0.0`` ties with ``0.0``), their vocabulary indices, and tail = log sum_{v not kept} r_v, computed as a
@@ -221,7 +221,7 @@ def kl_topk(logits: jax.typing.ArrayLike, ref_logprobs: jax.typing.ArrayLike,
             chunk_size: int | None = None, partition: _sharding.Partition | None = None,
             implementation: str | Sequence[str] | None = None,
             softcap: float | None = None) -> jax.Array:
-  """Divergence between the student and a stored top-k teacher, both coarsened to k + 1 cells.
+  r"""Divergence between the student and a stored top-k teacher, both coarsened to k + 1 cells.
 
   With p = softmax(s(logits) / T) (s the soft-cap, see ``softcap``) and the teacher's stored log-probs lr_j at indices i_j: the cells
   are the k stored entries and one tail bucket, P = (p_{i_1}, ..., p_{i_k}, sum_{v not stored} p_v)
