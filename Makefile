@@ -43,6 +43,7 @@ demo: $(VENV)/.installed
 examples: $(VENV)/.installed-examples
 	$(PY) examples/flax_nnx_heal.py
 	$(PY) examples/fused_heal.py
+	$(PY) examples/gemma_packed_heal.py
 	$(PY) examples/distill_topk.py
 
 # One pytest worker per core (pytest-xdist): the suite is compile-bound and XLA compiles on one

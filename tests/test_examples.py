@@ -30,7 +30,8 @@ def table_rows(out: str) -> list[list[float]]:
   return [[float(cell) for cell in row.strip("|").split("|")] for row in rows]
 
 
-@pytest.mark.parametrize("name", ["flax_nnx_heal.py", "fused_heal.py"])
+@pytest.mark.parametrize("name",
+                         ["flax_nnx_heal.py", "fused_heal.py", "gemma_packed_heal.py"])
 def test_example_prints_a_finite_per_step_table(name):
   out = run_example(name)
   assert "g_bar/g_nll" in out
@@ -45,3 +46,7 @@ def test_example_prints_a_finite_per_step_table(name):
   if name == "fused_heal.py":
     diff = float(re.search(r"max \|fused - kl_per_position\(logits\)\| = (\S+)", out).group(1))
     assert diff < 1e-5
+  if name == "gemma_packed_heal.py":
+    capped = re.search(r"max \|fused softcap - kl_per_position\(capped logits\)\| = (\S+)", out)
+    packed = re.search(r"max \|packed per-segment rmse - unpacked\| = (\S+)", out)
+    assert float(capped.group(1)) < 1e-5 and float(packed.group(1)) < 1e-5
