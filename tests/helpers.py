@@ -46,19 +46,22 @@ def plain64(a, b, direction, beta=0.5):
   return beta * kl(lr, lm) + (1 - beta) * kl(lp, lm)
 
 
-def cuda_target(device_kind: str = "NVIDIA H100 80GB HBM3"):
+@contextlib.contextmanager
+def cuda_target():
   """A context for exporting Pallas' Triton kernels for CUDA from a machine without a GPU.
 
-  Newer JAX (0.12) reads the target GPU off an abstract mesh's device when lowering a Triton
-  kernel with no GPU present; JAX 0.10 lowers without one (and its AbstractMesh takes no
-  device), so there this is a no-op.
+  Newer JAX (0.12) asks the local device which GPU it compiles a Triton kernel for, and a CPU
+  host has none; there the target is pinned to an H100 for the duration (the kernel's text does
+  not depend on it; a GPU compiles it again for its own card). JAX 0.10 asks nothing: no-op.
   """
-  from jax.sharding import AbstractMesh
-  device = getattr(jax.sharding, "AbstractDevice", None)
-  if device is None:
-    return contextlib.nullcontext()
   try:
-    mesh = AbstractMesh((1,), ("_gpu",), abstract_device=device(device_kind, None, "gpu"))
-  except TypeError:
-    return contextlib.nullcontext()
-  return jax.sharding.use_abstract_mesh(mesh)
+    from jax._src.pallas.triton import gpu_info  # noqa: PLC0415 -- only newer JAX has it
+  except ImportError:
+    yield
+    return
+  original = gpu_info.get_gpu_info
+  gpu_info.get_gpu_info = lambda: gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100)
+  try:
+    yield
+  finally:
+    gpu_info.get_gpu_info = original

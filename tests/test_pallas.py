@@ -247,11 +247,6 @@ def test_jit_vmap_and_default_tiles(rng):
 # What it refuses, and bad input.
 
 
-@dataclasses.dataclass(frozen=True)
-class SoftcapSpec(Spec):
-  softcap: float | None = None
-
-
 def test_unsupported_inputs_raise_not_implemented(rng):
   a = random_logits(rng, (4, 9))
   mask = jnp.ones(4, bool)
@@ -259,15 +254,14 @@ def test_unsupported_inputs_raise_not_implemented(rng):
   with x64():
     with pytest.raises(NotImplementedError, match="float64"):
       pallas_div.divergence_rows(np.float64(a), np.float64(a), mask, spec)
-  capped = SoftcapSpec(**dataclasses.asdict(spec) | {"chunks": spec.chunks}, softcap=30.0)
-  with pytest.raises(NotImplementedError, match="softcap"):
-    pallas_div.divergence_rows(a, a, mask, capped)
+  for field in ("softcap", "ref_softcap"):
+    with pytest.raises(NotImplementedError, match="softcap"):
+      pallas_div.divergence_rows(a, a, mask, dataclasses.replace(spec, **{field: 30.0}))
   with pytest.raises(NotImplementedError, match="beta"):
     pallas_div.divergence_rows(a, a, mask, dataclasses.replace(spec, direction="js", beta=0.0))
-  # An inactive unknown field is fine.
+  # Unset caps are fine.
   np.testing.assert_array_equal(
-      pallas_div.divergence_rows(a, a, mask, SoftcapSpec(**dataclasses.asdict(spec)
-                                                         | {"chunks": spec.chunks})), 0.0)
+      pallas_div.divergence_rows(a, a, mask, dataclasses.replace(spec, softcap=None)), 0.0)
 
 
 @pytest.mark.parametrize("kwargs", [{"rows": 3}, {"vocab": 0}, {"num_warps": 6},

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from helpers import cuda_target
 from klagg_jax._chunked import Chunking
 from klagg_jax._ops.divergence.base import Spec
 from klagg_jax._ops.divergence import pallas as pallas_div
@@ -158,8 +159,9 @@ else:
     sds = tuple(jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, p)) for s, d, p in (
         ((n, v), jnp.bfloat16, logits), ((n, v), jnp.bfloat16, logits), ((n,), bool, rows)))
     checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    exported = jax.export.export(jax.jit(jax.value_and_grad(f, (0, 1))), platforms=["cuda"],
-                                 disabled_checks=checks)(*sds)
+    with cuda_target():
+      exported = jax.export.export(jax.jit(jax.value_and_grad(f, (0, 1))), platforms=["cuda"],
+                                   disabled_checks=checks)(*sds)
     module = exported.mlir_module()
     assert exported.nr_devices == N_DEV
     assert module.count("__gpu$xla.gpu.triton") == 2 and "all-gather" not in module

@@ -301,14 +301,18 @@ def _config(spec: Spec, tiles: Tiles | None, *, want_a: bool = True,
                           tiles or pallas_tiles.GPU_DEFAULT, want_dx, want_dy), tiles)
 
 
-def _value(stats: Sequence[jax.Array], mask: jax.Array, spec: Spec) -> jax.Array:
+def _raw_value(stats: Sequence[jax.Array], spec: Spec) -> jax.Array:
+  """The divergence before the clamp at 0."""
   if spec.direction == "js":
     lx, ly, pm, rm = stats
     value = spec.beta * rm + (1.0 - spec.beta) * pm
-    value = jnp.where(jnp.isnan(lx) | jnp.isnan(ly), jnp.nan, value)
-  else:
-    value = stats[2]
-  value = jnp.where(value < 0, 0.0, value)  # rounding below 0; NaN fails the test and stays
+    return jnp.where(jnp.isnan(lx) | jnp.isnan(ly), jnp.nan, value)
+  return stats[2]
+
+
+def _value(stats: Sequence[jax.Array], mask: jax.Array, spec: Spec) -> jax.Array:
+  value = _raw_value(stats, spec)
+  value = jnp.where(value <= 0, 0.0, value)  # rounding below 0; NaN fails the test and stays
   return jnp.where(mask, value, 0.0)
 
 
@@ -334,7 +338,10 @@ def _rows_bwd(spec, tiles, residuals, g):
   a, b, mask, stats = residuals
   x, y, a_is_x = _operands(a, b, spec)
   cfg = _config(spec, tiles, want_b=spec.ref_grad)
-  w = jnp.where(mask, g.astype(jnp.float32) * spec.inv_temperature, 0.0)
+  # Where the clamp holds the value at 0 (identical rows, a row without mass) it is a minimum:
+  # zero gradient, as every implementation gives.
+  live = mask & ~(_raw_value(stats, spec) <= 0)
+  w = jnp.where(live, g.astype(jnp.float32) * spec.inv_temperature, 0.0)
   m = mask.astype(jnp.int32)
   if spec.vocab_axis is not None:
     grads = _grads(x, y, m, w, stats, cfg)
