@@ -453,13 +453,14 @@ def main_arms(cfg: Config, calib: dict, plan: dict, exclude_loops: bool = True
 
 
 def git_commit() -> dict:
-  """The commit of the checkout that runs the study, and whether its tree had changes
-  (``"unknown"`` outside a git checkout)."""
+  """The commit of the checkout that runs the study, and whether its tracked files under
+  ``experiments/loops`` or ``klagg_jax`` had changes (``"unknown"`` outside a git checkout)."""
   try:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                           text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "experiments/loops"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                            "experiments/loops", "klagg_jax"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.strip()
     return {"commit": head, "dirty": bool(dirty)}
   except (OSError, subprocess.CalledProcessError):
     return {"commit": "unknown", "dirty": None}
@@ -477,6 +478,7 @@ def run(cfg: Config, out_dir, cache_dir=HERE / "cache", log=print, workers: int 
     ValueError: ``out_dir/units`` holds units of another config or corpus.
   """
   t_start, c_start = time.time(), _cpu_seconds()
+  commit = git_commit()  # at the start: the code that computes the units
   workers = cfg.workers if workers is None else workers
   out = pathlib.Path(out_dir)
   units = out / "units"
@@ -533,7 +535,7 @@ def run(cfg: Config, out_dir, cache_dir=HERE / "cache", log=print, workers: int 
   results = {
       "config": dataclasses.asdict(cfg),
       "env": report.environment(),
-      "git": git_commit(),
+      "git": commit,
       "rerun": f"python -m experiments.loops.run --preset {cfg.name} --out <folder>",
       "corpus": {
           "n_docs": exp.corpus.n_docs,
