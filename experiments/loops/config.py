@@ -66,10 +66,11 @@ class Config:
   calib_rate: float = 0.3  # tau: this fire rate on the calibration student's clean trait samples
   calib_size: int = 256
   pilot_seed: int = 900
-  # lams tried per aggregator (p95 pushes on few positions, so it needs a larger lam for the same
-  # effect on the trait)
+  # lams tried per aggregator. The first grid (mean 0.1-1, p95 1-10) did not reach the upper
+  # target with p95 (lam 1 already held the trait at a third of the no-barrier student's), so it
+  # was widened before any primary student ran; the decision rule did not change.
   pilot_lams: tuple[tuple[str, tuple[float, ...]], ...] = (
-      ("mean", (0.1, 0.3, 1.0)), ("p95", (1.0, 3.0, 10.0)))
+      ("mean", (0.1, 0.3, 1.0, 3.0)), ("p95", (0.1, 0.3, 1.0, 3.0, 10.0)))
   target_fracs: tuple[float, ...] = (0.35, 0.7)  # trait targets, x the pilot no-barrier density
   # Primary arms: no barrier, and every barrier aggregator at every target (its lam from the
   # pilot), over ``seeds``; detection checkpoints at ``detect_rounds``.
