@@ -76,7 +76,10 @@ class Config:
   # pilot), over ``seeds``; detection checkpoints at ``detect_rounds``.
   seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
   barrier_aggs: tuple[str, ...] = BARRIER_AGGS
-  detect_rounds: tuple[int, ...] = (2, 4)
+  # After round 2 only: at the pilot's pace, a second checkpoint per student (round 4, where
+  # held-out loss had risen by more than 1 nat/byte in most pilot students) did not fit the
+  # budget; dropped before any primary student finished.
+  detect_rounds: tuple[int, ...] = (2,)
   n_detect: int = 192  # held-out prompts per checkpoint, one completion each
   detect_aggs: tuple[str, ...] = DETECT_AGGS
   min_group: int = 3  # a checkpoint enters an AUROC only with this many of each group
@@ -114,13 +117,13 @@ QUICK = Config(
     name="quick",
     base=BaseConfig(
         model=ModelConfig(d_model=64, n_layers=2, n_heads=4, context=72),
-        steps=300, batch=16, seq_len=72, lr=5e-3, warmup=30,
+        steps=200, batch=16, seq_len=72, lr=5e-3, warmup=20,
     ),
     prompt_len=24, completion_len=48, n_steer_examples=256,
-    rounds=3, steps_per_round=10, lr=5e-3, barrier_pool=32, calib_size=64,
-    pilot_lams=(("mean", (0.3, 3.0)), ("p95", (0.3, 3.0))), seeds=(0, 1, 2),
-    detect_rounds=(2, 3), n_detect=96, pc_steps=8,
-    pc_grades=(0.1, 0.3, 1.0), ablation_seeds=(100, 101), n_eval=48, workers=0,
+    rounds=3, steps_per_round=8, lr=5e-3, barrier_pool=32, calib_size=48,
+    pilot_lams=(("mean", (0.3, 3.0)), ("p95", (0.3, 3.0))), seeds=(0, 1), detect_rounds=(3,),
+    n_detect=64, pc_steps=6, pc_grades=(0.3, 1.0), ablation_seeds=(100,), n_eval=32,
+    pressure_every=4, workers=0,
 )
 
 TINY = Config(
