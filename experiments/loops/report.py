@@ -334,7 +334,8 @@ def plot_detection(results: dict, path) -> None:
   axes[0].axhline(0.5, color="gray", lw=0.8)
   axes[0].set_xticks(range(len(aggs)), aggs)
   axes[0].set_ylabel("AUROC, real loops vs clean trait (seed mean, 95% t)")
-  axes[0].legend(fontsize=7)
+  if axes[0].get_legend_handles_labels()[0]:
+    axes[0].legend(fontsize=7)
   ctl = det["low_drift_barrier"]["control"]
   grades = sorted(ctl, key=float)
   for a in aggs:

@@ -36,10 +36,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import klagg_jax as ka
-from experiments.loops import analysis, base, config, data, metrics, model, report, stats, steer
+from experiments.loops import analysis, base, config, data, metrics, report, stats, steer
 from experiments.loops.config import Config
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -67,7 +66,6 @@ class Experiment:
         self.corpus.heldout, cfg.prompt_len, cfg.n_detect, np.random.default_rng(2025))
     self.mask = np.asarray(steer.completion_mask(cfg, 1))[0]
     self.rare = rare_bytes(self.corpus.train, cfg.pc_rare_bytes)
-    self._steps, self._pressures, self._plant = {}, {}, None
 
   # ---- labels and evaluation --------------------------------------------------------------
   def labels(self, comps) -> list[metrics.Label]:
@@ -176,15 +174,11 @@ class Experiment:
     return records, params
 
   def _step(self, agg):
-    """The jitted step of an aggregator (compiled once, reused by every level and seed)."""
-    if agg not in self._steps:
-      self._steps[agg] = steer.make_step(self.graphdef, self.cfg, agg)
-    return self._steps[agg]
+    """The jitted step of an aggregator (compiled once per process, reused by every arm)."""
+    return steer.make_step(self.graphdef, self.cfg, agg)
 
   def _pressure(self, agg):
-    if agg not in self._pressures:
-      self._pressures[agg] = steer.make_pressure(self.graphdef, self.cfg, agg)
-    return self._pressures[agg]
+    return steer.make_pressure(self.graphdef, self.cfg, agg)
 
   # ---- detection --------------------------------------------------------------------------
   def detect(self, params, seed: int, rnd: int) -> dict:
@@ -244,21 +238,7 @@ class Experiment:
   def plant(self, params, unit, seed: int, rnd: int):
     """``params`` after ``pc_steps`` SFT steps on steering examples with the loop spliced in."""
     cfg = self.cfg
-    if self._plant is None:
-      opt = steer.optimizer(cfg)
-      mask = steer.completion_mask(cfg, cfg.sft_batch)
-
-      @jax.jit
-      def plant_step(p, state, tokens):
-        def loss(q):
-          return steer.masked_nll(model.apply(self.graphdef, q, tokens[:, :-1]), tokens[:, 1:],
-                                  mask)
-        grads = jax.grad(loss)(p)
-        updates, state = opt.update(grads, state, p)
-        return optax.apply_updates(p, updates), state
-
-      self._plant = (opt, plant_step)
-    opt, plant_step = self._plant
+    opt, plant_step = steer.optimizer(cfg), steer.make_sft_step(self.graphdef, cfg)
     rng = np.random.default_rng([seed, rnd, 123])
     state = opt.init(params)
     for _ in range(cfg.pc_steps):

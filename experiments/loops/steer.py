@@ -138,6 +138,7 @@ def _barrier(agg, bar_logits, bar_ref, bar_mask, tau, lam):
   return ka.kl_barrier(bar_logits, bar_ref, where=bar_mask, agg=agg, tau=tau, lam=lam)
 
 
+@functools.lru_cache(maxsize=None)  # one compile per model, config and aggregator per process
 def make_step(graphdef, cfg: Config, agg: str | None):
   """Jitted ``step(params, opt_state, sft_tokens, bar_tokens, bar_ref_logits, tau, lam)``.
 
@@ -174,6 +175,7 @@ def make_step(graphdef, cfg: Config, agg: str | None):
   return step
 
 
+@functools.lru_cache(maxsize=None)
 def make_pressure(graphdef, cfg: Config, agg: str):
   """Jitted ``pressure(params, sft_tokens, bar_tokens, bar_ref, tau, lam) -> ka.grad_pressure``:
   the global norm of the barrier's parameter gradient over the SFT loss's, on one step's
@@ -198,6 +200,24 @@ def make_pressure(graphdef, cfg: Config, agg: str):
     return ka.grad_pressure(barrier, nll, params, sft_tokens, bar_tokens, bar_ref, tau, lam)
 
   return pressure
+
+
+@functools.lru_cache(maxsize=None)
+def make_sft_step(graphdef, cfg: Config):
+  """Jitted ``step(params, opt_state, tokens) -> (params, opt_state)``: one plain SFT step on
+  the completion positions (what plants the positive control's loop)."""
+  opt = optimizer(cfg)
+  mask = completion_mask(cfg, cfg.sft_batch)
+
+  @jax.jit
+  def step(params, opt_state, tokens):
+    def loss(q):
+      return masked_nll(model.apply(graphdef, q, tokens[:, :-1]), tokens[:, 1:], mask)
+    grads = jax.grad(loss)(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step
 
 
 @functools.lru_cache(maxsize=None)
