@@ -116,6 +116,12 @@ def markdown(results: dict) -> str:
       f"{st['loop_rate']:.3f}, trait density {st['trait_density']:.2f}, phrase density "
       f"{st['phrase_density']:.2f}.",
       "",
+  ]
+  if results.get("partial"):
+    lines += [f"**Partial run**: {len(results['missing_units'])} units missing ("
+              + ", ".join(results["missing_units"]) + "). Every table covers the units saved; "
+              f"resume with `{results['rerun']}` on the same folder.", ""]
+  lines += [
       "## Decision",
       "",
       dec["rule"],

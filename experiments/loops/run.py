@@ -310,6 +310,7 @@ def splice(tokens: np.ndarray, unit: np.ndarray, copies: int, prompt_len: int,
 # ---- units of work (run in worker processes, or in this one) ---------------------------------
 _EXP: Experiment | None = None
 _UNITS: pathlib.Path | None = None
+_LOAD_ONLY = False  # report on the units already saved, compute none
 SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
@@ -333,6 +334,8 @@ def _saved(name: str, compute, check=None) -> dict:
     if check is not None and not check(unit):
       raise ValueError(f"{path} was made with other settings; use a fresh output folder")
     return unit
+  if _LOAD_ONLY:
+    return None
   c0, t0 = _cpu_seconds(), time.time()
   unit = compute()
   unit["timing"] = {"cpu_seconds": _cpu_seconds() - c0, "wall_seconds": time.time() - t0}
@@ -447,12 +450,15 @@ def git_commit() -> dict:
 
 
 def run(cfg: Config, out_dir, cache_dir=HERE / "cache", log=print, workers: int | None = None,
-        stages: tuple[str, ...] = ("pilot", "main", "ablation")) -> dict | None:
+        stages: tuple[str, ...] = ("pilot", "main", "ablation"), partial: bool = False
+        ) -> dict | None:
   """The whole study (or up to the last of ``stages``); writes the results to ``out_dir`` and
   returns them (None when stopped before the end).
 
   ``workers``: processes for the students (``cfg.workers`` when None; 0 runs everything here).
-  Units already in ``out_dir/units`` are read, not recomputed.
+  Units already in ``out_dir/units`` are read, not recomputed. With ``partial``, nothing is
+  computed: the results and report cover the units already saved (``results.json`` says
+  ``"partial": true`` and lists what is missing).
 
   Raises:
     ValueError: ``out_dir/units`` holds units of another config or corpus.
@@ -479,15 +485,24 @@ def run(cfg: Config, out_dir, cache_dir=HERE / "cache", log=print, workers: int 
       f"students, then {n_arms} arms x {len(cfg.seeds)} seeds, ablation "
       f"{len(cfg.barrier_aggs)} arms x {len(cfg.ablation_seeds)} seeds; {cfg.rounds} rounds x "
       f"{cfg.steps_per_round} steps; {workers or 'no'} worker processes")
-  timing = {"base_seconds": exp.base_seconds}
+  timing = {"base_seconds": exp.base_seconds, "base_cached": exp.base_info["cached"]}
+  global _LOAD_ONLY
+  _LOAD_ONLY = partial
+  if partial:
+    workers = 0
   runner = _Runner(exp, cfg, cache_dir, units, workers)
+  missing = []
+
+  def done(tasks, got):
+    missing.extend(f"{t[0]}/{t[1].name}/seed{t[2]}" for t, u in zip(tasks, got) if u is None)
+    return [u for u in got if u is not None]
   try:
     t0 = time.time()
     (calib,) = runner.map(_calibration_task, [()])
     log("tau: " + ", ".join(f"{a} {t:.3f}" for a, t in calib["taus"].items()))
     arms = pilot_arms(cfg, calib)
-    pilot = dict(zip([a.name for a in arms], runner.map(
-        _arm_task, [("pilot", a, cfg.pilot_seed, False) for a in arms])))
+    tasks = [("pilot", a, cfg.pilot_seed, False) for a in arms]
+    pilot = {u["arm"]["name"]: u for u in done(tasks, runner.map(_arm_task, tasks))}
     plan = design(cfg, calib, pilot)
     timing["pilot_seconds"] = time.time() - t0
     log("design: targets " + ", ".join(f"{t:.2f}" for t in plan["targets"]) + "; lam "
@@ -496,18 +511,20 @@ def run(cfg: Config, out_dir, cache_dir=HERE / "cache", log=print, workers: int 
       return None
     t0 = time.time()
     primary = [steer.Arm("none", None)] + main_arms(cfg, calib, plan)
-    main = runner.map(_arm_task, [("main", a, s, True) for s in cfg.seeds for a in primary])
+    tasks = [("main", a, s, True) for s in cfg.seeds for a in primary]
+    main = done(tasks, runner.map(_arm_task, tasks))
     timing["main_seconds"] = time.time() - t0
     if "ablation" not in stages:
       return None
     t0 = time.time()
     abl_arms = [a for a in main_arms(cfg, calib, plan, exclude_loops=False)
                 if a.level == f"t{cfg.ablation_target}"]
-    ablation = runner.map(_arm_task, [("ablation", a, s, False) for s in cfg.ablation_seeds
-                                      for a in abl_arms])
+    tasks = [("ablation", a, s, False) for s in cfg.ablation_seeds for a in abl_arms]
+    ablation = done(tasks, runner.map(_arm_task, tasks))
     timing["ablation_seconds"] = time.time() - t0
   finally:
     runner.close()
+    _LOAD_ONLY = False
 
   heldout_windows = data.sample_windows(exp.corpus.heldout, cfg.completion_len, 2000,
                                         np.random.default_rng(5))
@@ -516,6 +533,8 @@ def run(cfg: Config, out_dir, cache_dir=HERE / "cache", log=print, workers: int 
       "config": dataclasses.asdict(cfg),
       "env": report.environment(),
       "git": commit,
+      "partial": bool(missing),
+      "missing_units": missing,
       "rerun": f"python -m experiments.loops.run --preset {cfg.name} --out <folder>",
       "corpus": {
           "n_docs": exp.corpus.n_docs,
@@ -526,7 +545,8 @@ def run(cfg: Config, out_dir, cache_dir=HERE / "cache", log=print, workers: int 
           "steering_target": metrics.summarize(exp.labels(target), cfg.completion_len),
           "rare_bytes": data.decode(exp.rare),
       },
-      "base": {k: v for k, v in exp.base_info.items() if k not in ("config", "seconds")},
+      "base": {k: v for k, v in exp.base_info.items()
+               if k not in ("config", "seconds", "cached")},
       "calibration": {k: v for k, v in calib.items() if k != "timing"},
       "design": plan,
       "units": {u["stage"] + "/" + u["arm"]["name"] + f"/seed{u['seed']}": u
@@ -557,6 +577,8 @@ def main(argv=None) -> None:
                       "0 runs everything in this process)")
   parser.add_argument("--until", choices=("pilot", "main", "ablation"), default="ablation",
                       help="stop after this stage (its units stay saved)")
+  parser.add_argument("--partial", action="store_true",
+                      help="compute nothing: report on the units already saved")
   args = parser.parse_args(argv)
   name = args.preset or ("quick" if args.quick else "full")
   cfg = config.PRESETS[name]
@@ -564,7 +586,7 @@ def main(argv=None) -> None:
   order = ("pilot", "main", "ablation")
   stages = order[: order.index(args.until) + 1]
   run(cfg, out, args.cache, log=lambda msg: print(msg, flush=True), workers=args.workers,
-      stages=stages)
+      stages=stages, partial=args.partial)
 
 
 if __name__ == "__main__":

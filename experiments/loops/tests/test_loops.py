@@ -489,8 +489,9 @@ def _strip_timing(x):
 
 
 def test_tiny_runs_are_identical_and_resume(tmp_path):
-  """The tiny config twice gives the same JSON apart from timings; a run that lost units
-  recomputes only those and gives the same JSON again; another config is refused."""
+  """The tiny config twice gives the same JSON apart from timings; a partial report covers the
+  units saved; a run that lost units recomputes only those and gives the same JSON again;
+  another config is refused."""
   cfg, cache = config.TINY, tmp_path / "cache"
   quiet = lambda msg: None  # noqa: E731
   run.run(cfg, tmp_path / "a", cache, log=quiet)
@@ -500,6 +501,9 @@ def test_tiny_runs_are_identical_and_resume(tmp_path):
   assert _strip_timing(a) == _strip_timing(b)
   lost = tmp_path / "a" / "units" / "main" / "p95@t0" / "seed1.json"
   lost.unlink()
+  part = run.run(cfg, tmp_path / "a", cache, log=quiet, partial=True)  # computes nothing
+  assert part["partial"] and part["missing_units"] == ["main/p95@t0/seed1"]
+  assert not lost.exists() and "Partial run" in (tmp_path / "a" / "results.md").read_text()
   logs = []
   run.run(cfg, tmp_path / "a", cache, log=logs.append)
   assert lost.exists() and any(msg.startswith("resuming") for msg in logs)
