@@ -181,8 +181,9 @@ def markdown(results: dict) -> str:
             + " | ".join(f"seed {s}" for s in cl["seeds"]) + " |",
             "|---|" + "---|" * len(cl["seeds"])]
   for arm, t in cl["arms"].items():
+    cells = [t["per_seed"].get(str(s)) for s in cl["seeds"]]
     lines.append(f"| {arm} | " + " | ".join(
-        f"{r['loop_rate']:.3f} / {r['trait_density']:.2f}" for r in t["per_seed"].values())
+        "-" if r is None else f"{r['loop_rate']:.3f} / {r['trait_density']:.2f}" for r in cells)
         + " |")
   for tail, m in cl["matched"].items():
     lines += ["", f"**{tail} - mean at matched trait.** Trait ranges of the seed means: {tail} "
