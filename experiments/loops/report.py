@@ -217,10 +217,10 @@ def markdown(results: dict) -> str:
                  f"{_ci(s['chosen_loop_share'])} | {_ci(s['own_loop_share'])} | "
                  f"{_ci(v.get('loop_rate'), '{:+.3f}')} | "
                  f"{_ci(v.get('trait_density'), '{:+.2f}')} |")
-    lines.append("")
-    lines.append(f"{arm} per seed (loop rate / trait density): " + ", ".join(
-        f"{r['loop_rate']:.3f} / {r['trait_density']:.2f}" for r in t["per_seed"].values()))
-    lines.append("")
+  lines.append("")
+  for arm, t in an["ablation"].items():
+    lines += [f"{arm} per seed (loop rate / trait density): " + ", ".join(
+        f"{r['loop_rate']:.3f} / {r['trait_density']:.2f}" for r in t["per_seed"].values()), ""]
 
   # ---- detection
   det = an["detection"]
