@@ -140,4 +140,9 @@ TINY = Config(
     ablation_seeds=(100,), pressure_every=2, n_eval=16, workers=0,
 )
 
-PRESETS = {c.name: c for c in (FULL, QUICK, TINY)}
+FOLLOWUP = dataclasses.replace(FULL, name="followup", ablation_target=1)
+"""Exploratory, added after the full run: the ablation at the lenient target, where p95 looped
+most. It reuses the full run's calibration, pilot and primary students (copy ``results/units``
+into ``results/followup/units`` and set its ``config.json`` to this config)."""
+
+PRESETS = {c.name: c for c in (FULL, QUICK, TINY, FOLLOWUP)}
