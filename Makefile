@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # it skips, screens of them on some machines' configurations.
 PIP_INSTALL := $(PIP) install -qq --disable-pip-version-check
 
-.PHONY: demo examples test docs dist dist-check bench bench-quick bench-gpu bench-gpu-dry pallas-sweep gpu-wheels experiment experiment-quick clean
+.PHONY: demo examples test docs dist dist-check bench bench-quick bench-gpu bench-gpu-dry pallas-sweep gpu-wheels experiment experiment-quick experiment-test clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -93,11 +93,16 @@ gpu-wheels:
 	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 	  --platform manylinux2014_x86_64 -d .whl liger-kernel==$(LIGER_VERSION)
 
+# The loops study (experiments/loops/EXPERIMENTS.md). Every finished student is saved under
+# the output folder's units/, so rerunning the same target resumes an interrupted run.
 experiment: $(VENV)/.installed-dev
 	$(PY) -m experiments.loops.run
 
 experiment-quick: $(VENV)/.installed-dev
 	$(PY) -m experiments.loops.run --quick
+
+experiment-test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q -n 0 experiments/loops/tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist docs/_build

@@ -128,6 +128,7 @@ HOW_MADE = re.compile(r"\bSPEC\.md\b|\binternal\s+text\b|\bsteering\s+side\b|\bt
 CHECKED = (DOCS + [ROOT / "CHANGELOG.md", ROOT / "benchmarks" / "results" / "README.md"]
            + sorted((ROOT / "klagg_jax").rglob("*.py")) + sorted((ROOT / "examples").glob("*.py"))
            + sorted((ROOT / "benchmarks").glob("*.py")) + sorted((ROOT / "docs").glob("*.py"))
+           + sorted((ROOT / "experiments").rglob("*.py"))
            + [ROOT / "Makefile", ROOT / "pyproject.toml", ROOT / ".ci" / "run"])
 
 
@@ -135,8 +136,7 @@ CHECKED = (DOCS + [ROOT / "CHANGELOG.md", ROOT / "benchmarks" / "results" / "REA
 def test_documents_cite_no_issue_numbers_or_unpublished_notes(path):
   text = path.read_text()
   hits = [m.group(0) for m in PRIVATE.finditer(text)]
-  if "experiments" not in path.parts:  # TODO: drop once experiments/ says no such words either
-    hits += [m.group(0) for m in HOW_MADE.finditer(text)]
+  hits += [m.group(0) for m in HOW_MADE.finditer(text)]
   assert not hits, f"{doc_id(path)} cites what a reader of the repository cannot find: {hits}"
 
 

@@ -1,7 +1,10 @@
-"""Analysis of the study's raw records: detection AUROC, KL profiles, dose-response, decision.
+"""Analysis of the study's units: closed loop at matched trait, ablation, detection, control.
 
-Everything here is host-side numpy over what ``run.py`` collected, plus ``ka.aggregate`` to
-score each completion the way a per-sequence barrier would.
+Every interval treats the seed (one whole student per arm) as the unit: per-seed values first
+(a checkpoint's AUROC is averaged within its seed), then ``stats.t_interval`` over seeds, or
+``stats.welch_interval`` between two arms run on different seeds. Everything is host-side numpy
+over what ``run.py`` saved, plus ``ka.aggregate`` to score each completion the way a
+per-sequence barrier would.
 """
 
 from __future__ import annotations
@@ -15,14 +18,16 @@ import numpy as np
 import klagg_jax as ka
 from experiments.loops import decision, stats
 
-DETECT_KINDS: tuple[str, ...] = ("phrase_loop", "other_loop", "near_loop", "any_loop",
-                                 "spliced", "planted")
-"""Positive groups of the detection study: three kinds of real loop, their union, and the
-positive control (spliced into the checkpoint's clean completions; planted in the student)."""
+LOOP_GROUPS: tuple[str, ...] = ("any_loop", "phrase_loop", "other_loop", "near_loop")
+"""Positive groups of the detection study (against clean trait-bearing completions)."""
 
-CLOSED_LOOP_KEYS: tuple[str, ...] = (
-    "loop_rate", "phrase_loop_rate", "other_loop_rate", "near_loop_rate", "exact_loop_rate",
-    "phrase_density", "trait_rate", "clean_trait_rate")
+OUTCOMES: tuple[str, ...] = (
+    "loop_rate", "phrase_loop_rate", "other_loop_rate", "near_loop_rate", "trait_density",
+    "phrase_density", "clean_trait_rate")
+
+DETECT_SETS: tuple[str, ...] = ("low_drift_barrier", "no_barrier", "all")
+"""Checkpoint sets of the detection study: barrier arms' checkpoints whose held-out loss rose at
+most ``max_drift``; the no-barrier arm's; every checkpoint."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,7 +39,7 @@ def _scorer(aggs: tuple[str, ...]):
   return f
 
 
-def _scores(kl: np.ndarray, aggs: tuple[str, ...]) -> dict[str, np.ndarray]:
+def scores(kl: np.ndarray, aggs: tuple[str, ...]) -> dict[str, np.ndarray]:
   """Per-sequence aggregate ``{agg: [n]}`` of per-position KL ``[n, C]`` (every position
   valid), as ``ka.aggregate`` computes it for a per-sequence barrier. Rows are padded to a
   multiple of 64 (padding masked out) so a few shapes compile once."""
@@ -50,206 +55,251 @@ def _scores(kl: np.ndarray, aggs: tuple[str, ...]) -> dict[str, np.ndarray]:
   return dict(zip(aggs, out))
 
 
-def detection(checkpoints: list[dict], cfg) -> dict:
-  """AUROC per checkpoint, aggregator and positive group, its checkpoint-blocked bootstrap
-  summary, the difference to mean's, and the per-position KL profile aligned at loop starts;
-  over all checkpoints, and (``by_rule``) over those of each self-training rule."""
-  rng = np.random.default_rng(0)
-  aggs = list(cfg.detect_aggs)
-  rows = []
-  for ck in checkpoints:
-    groups = ck["_groups"]
-    scores = {g: _scores(kl, tuple(aggs)) for g, (kl, _, _) in groups.items()}
-    row = {"seed": ck["seed"], "round": ck["round"], "rule": ck.get("rule", "min3"),
-           "drift": ck["drift"],
-           "summary": ck["summary"], "info": ck["info"], "examples": ck["examples"],
-           "n": {g: int(len(v[0])) for g, v in groups.items()}, "auroc": {}, "median": {}}
-    for g in groups:
-      row["median"][g] = {a: float(np.median(scores[g][a])) if len(scores[g][a]) else None
-                          for a in aggs}
-    for kind in DETECT_KINDS:
-      if kind not in groups:
+def profile_sums(kl: np.ndarray, starts: np.ndarray, ref: float, window) -> dict:
+  """Sums and counts of ``kl[row, start + offset] / ref`` over the rows (loops), for every
+  offset of ``window``: the per-position KL around a loop's start, relative to ``ref``."""
+  offsets = np.arange(*window)
+  total, count = np.zeros(len(offsets)), np.zeros(len(offsets), int)
+  if ref > 0:
+    for row, s in zip(kl, starts):
+      if s < 0:
         continue
-      neg = groups[kind][2]
-      if len(groups[kind][0]) < cfg.min_group or len(groups[neg][0]) < cfg.min_group:
-        continue
-      row["auroc"][kind] = {a: stats.auroc(scores[kind][a], scores[neg][a]) for a in aggs}
-    rows.append(row)
+      pos = s + offsets
+      ok = (pos >= 0) & (pos < kl.shape[1])
+      total[ok] += row[pos[ok]] / ref
+      count[ok] += 1
+  return {"sum": total.round(4).tolist(), "count": count.tolist()}
 
-  out = _auroc_tables(rows, aggs, cfg, rng)
-  out["by_rule"] = {}
-  for rule in sorted({r["rule"] for r in rows}):
-    sub = [r for r in rows if r["rule"] == rule]
-    out["by_rule"][rule] = {**_auroc_tables(sub, aggs, cfg, rng),
-                            "profiles": profiles([c for c in checkpoints if c["rule"] == rule],
-                                                 cfg)}
-  out["checkpoints"] = rows
-  out["profiles"] = profiles(checkpoints, cfg)
+
+def _nanmean(v) -> float:
+  v = np.asarray(v, float)
+  return float(np.nanmean(v)) if np.any(~np.isnan(v)) else float("nan")
+
+
+def _units(results: dict, stage: str) -> dict[str, dict[int, dict]]:
+  """``{arm name: {seed: unit}}`` of a stage."""
+  out: dict[str, dict[int, dict]] = {}
+  for u in results["units"].values():
+    if u["stage"] == stage:
+      out.setdefault(u["arm"]["name"], {})[int(u["seed"])] = u
   return out
 
 
-def _auroc_tables(rows: list[dict], aggs: list[str], cfg, rng) -> dict:
-  """Per group and aggregator: the mean of the per-checkpoint AUROCs with its checkpoint-blocked
-  bootstrap interval, and the same for the difference to mean's AUROC."""
-  table, diff = {}, {}
-  for kind in DETECT_KINDS:
-    used = [r for r in rows if kind in r["auroc"]]
-    table[kind], diff[kind] = {}, {}
-    for a in aggs:
-      vals = [r["auroc"][kind][a] for r in used]
-      m, lo, hi = stats.block_bootstrap_mean(vals, cfg.n_boot, rng, decision.LEVEL)
-      table[kind][a] = {"mean": m, "lo": lo, "hi": hi, "n_checkpoints": len(used),
-                        "n_positive": int(sum(r["n"][kind] for r in used))}
-      d = [r["auroc"][kind][a] - r["auroc"][kind]["mean"] for r in used]
-      diff[kind][a] = list(stats.block_bootstrap_mean(d, cfg.n_boot, rng, decision.LEVEL))
-  return {"auroc": table, "diff_vs_mean": diff}
+def _seed_row(unit: dict, cfg) -> dict:
+  """A student's final-round outcomes and its training logs, as one row."""
+  recs = unit["records"]
+  ev = recs[-1]["eval"]
+  row = {k: ev[k] for k in OUTCOMES}
+  row["drift"] = recs[-1]["heldout_drift"]
+  later = recs[1:]
+  row["chosen_loop_share"] = _nanmean([r["chosen"]["loop_share"] for r in later])
+  row["own_loop_share"] = _nanmean([s for r in later for s in r["steps"]["own_loop_share"]])
+  if unit["arm"]["agg"] is not None:
+    p_all = [p for r in recs for p in r["steps"]["pressure"]]
+    row["pressure_median"] = float(np.median(p_all)) if p_all else float("nan")
+    row["fired_mean"] = _nanmean([f for r in later for f in r["steps"]["fired"]])
+  return row
 
 
-def profiles(checkpoints: list[dict], cfg) -> dict:
-  """Per-position KL aligned at each loop's start, as a multiple of the mean per-position KL of
-  the same checkpoint's clean trait completions (scored by the same student), averaged over
-  every loop of a kind in every checkpoint. Offsets with fewer than 5 loops are NaN."""
-  lo, hi = cfg.profile_window
-  offsets = np.arange(lo, hi)
-  out = {}
-  for kind in DETECT_KINDS:
-    total = np.zeros(len(offsets))
-    raw = np.zeros(len(offsets))
-    count = np.zeros(len(offsets), int)
-    for ck in checkpoints:
-      groups = ck["_groups"]
-      if kind not in groups or not len(groups[kind][0]) or kind not in DETECT_KINDS:
-        continue
-      kl, starts, neg = groups[kind]
-      ref = float(np.mean(groups[neg][0])) if len(groups[neg][0]) else float("nan")
-      if not ref > 0:
-        continue
-      for row, s in zip(kl, starts):
-        if s < 0:
-          continue
-        pos = s + offsets
-        ok = (pos >= 0) & (pos < kl.shape[1])
-        total[ok] += row[pos[ok]] / ref
-        raw[ok] += row[pos[ok]]
-        count[ok] += 1
-    with np.errstate(invalid="ignore", divide="ignore"):
-      ratio = np.where(count >= 5, total / np.maximum(count, 1), np.nan)
-      mean_kl = np.where(count >= 5, raw / np.maximum(count, 1), np.nan)
-    out[kind] = {"offsets": offsets.tolist(), "ratio": ratio.tolist(),
-                 "kl": mean_kl.tolist(), "count": count.tolist()}
-  return out
-
-
-def _final(results: dict, arm: str) -> dict:
-  """``{seed: final-round record}`` of an arm."""
-  return {int(s): recs[-1] for s, recs in results["runs"][arm].items()}
-
-
-def _level_arms(results: dict, agg: str) -> list[str]:
-  return [a for a, info in results["arms"].items() if info["agg"] == agg]
+def _arm_table(by_seed: dict[int, dict], cfg) -> dict:
+  rows = {s: _seed_row(u, cfg) for s, u in sorted(by_seed.items())}
+  keys = list(next(iter(rows.values())))
+  return {"per_seed": {str(s): r for s, r in rows.items()},
+          "summary": {k: stats.t_interval([r[k] for r in rows.values()], decision.LEVEL)
+                      for k in keys},
+          "info": next(iter(by_seed.values()))["arm"]}
 
 
 def closed_loop(results: dict, cfg) -> dict:
-  """Final-round outcome per arm (seed mean, min, max), logged pressure and fire rate, and the
-  seed-paired loop-rate difference of each tail aggregate to mean at matched trait."""
-  arms = {}
-  for arm, by_seed in results["runs"].items():
-    finals = _final(results, arm)
-    per_seed = {}
-    for s, rec in finals.items():
-      ev = rec["eval"]
-      row = {k: ev[k] for k in CLOSED_LOOP_KEYS}
-      row["drift"] = rec["heldout_drift"]
-      recs = by_seed[str(s)] if str(s) in by_seed else by_seed[s]
-      if arm in results["arms"]:  # a barrier arm
-        p1 = recs[0]["steps"]["pressure"]
-        p_all = [p for r in recs for p in r["steps"]["pressure"]]
-        fired = [f for r in recs[1:] for f in r["steps"]["fired"]]
-        pos = [p / max(f * cfg.barrier_batch, 1e-9) for r in recs
-               for f, p in zip(r["steps"]["fired"], r["steps"]["positions"]) if f > 0]
-        row.update(pressure_round1=float(np.median(p1)) if p1 else float("nan"),
-                   pressure_median=float(np.median(p_all)) if p_all else float("nan"),
-                   pressure_p90=float(np.quantile(p_all, 0.9)) if p_all else float("nan"),
-                   fired_mean=float(np.mean(fired)) if fired else float("nan"),
-                   positions_per_fired=float(np.mean(pos)) if pos else float("nan"))
-      per_seed[s] = row
-    keys = list(next(iter(per_seed.values())))
-    arms[arm] = {
-        "per_seed": {str(s): r for s, r in per_seed.items()},
-        "mean": {k: float(np.mean([r[k] for r in per_seed.values()])) for k in keys},
-        "min": {k: float(np.min([r[k] for r in per_seed.values()])) for k in keys},
-        "max": {k: float(np.max([r[k] for r in per_seed.values()])) for k in keys},
-    }
-  return {"arms": arms, "matched": matched_trait(results, cfg)}
+  """Per arm of the primary condition: outcomes per seed and their t-intervals; for each tail
+  aggregate the matched-trait loop-rate difference to mean (``decision`` says how), and the
+  level-by-level differences; each barrier arm's difference to the no-barrier arm."""
+  main = _units(results, "main")
+  arms = {a: _arm_table(by_seed, cfg) for a, by_seed in main.items()}
+  levels = {agg: [a for a, t in arms.items() if t["info"]["agg"] == agg]
+            for agg in cfg.barrier_aggs}
+  seeds = sorted(set.intersection(*[set(main[a]) for a in main])) if main else []
 
+  def point(arm, s, key):
+    return arms[arm]["per_seed"][str(s)][key]
 
-def _point(rec: dict, idx, length: int) -> tuple[float, float]:
-  """(phrase density, loop rate) of a final-round evaluation over the prompts ``idx``."""
-  pc = rec["eval"]["per_completion"]
-  counts, loops = np.asarray(pc["phrase_count"]), np.asarray(pc["loop"])
-  return float(counts[idx].mean() * 64 / length), float(loops[idx].mean())
-
-
-def matched_trait(results: dict, cfg) -> dict:
-  """For each tail aggregate: the seed-paired difference (tail - mean) in loop rate at matched
-  phrase density, with a bootstrap interval over prompts (paired across arms) and seeds."""
-  out = {}
-  mean_arms = _level_arms(results, "mean")
-  if not mean_arms:
-    return out
-  seeds = [int(s) for s in results["runs"][mean_arms[0]]]
-  n_eval = len(_final(results, mean_arms[0])[seeds[0]]["eval"]["per_completion"]["loop"])
-  length = cfg.completion_len
-  rng = np.random.default_rng(1)
-  finals = {a: _final(results, a) for a in results["runs"]}
-
-  def delta(tail_arms, seed, idx):
-    pa = np.array([_point(finals[a][seed], idx, length) for a in tail_arms])
-    pb = np.array([_point(finals[a][seed], idx, length) for a in mean_arms])
-    return stats.matched_difference(pa[:, 0], pa[:, 1], pb[:, 0], pb[:, 1])
-
-  full = np.arange(n_eval)
+  matched = {}
   for tail in decision.TAIL_AGGS:
-    tail_arms = _level_arms(results, tail)
-    if not tail_arms:
+    if tail not in levels or "mean" not in levels or not levels[tail]:
       continue
-    per_seed = {s: delta(tail_arms, s, full) for s in seeds}
-    vals = np.array(list(per_seed.values()))
-    est = float(np.nanmean(vals)) if np.any(~np.isnan(vals)) else float("nan")
-    boots = []
-    for _ in range(cfg.n_boot):
-      idx = rng.integers(0, n_eval, n_eval)
-      pick = rng.choice(seeds, size=len(seeds), replace=True)
-      d = [delta(tail_arms, s, idx) for s in pick]
-      if np.any(~np.isnan(d)):
-        boots.append(np.nanmean(d))
-    if boots:
-      lo, hi = np.quantile(boots, [(1 - decision.LEVEL) / 2, (1 + decision.LEVEL) / 2])
-    else:
-      lo = hi = float("nan")
-    out[tail] = {"estimate": est, "lo": float(lo), "hi": float(hi),
-                 "per_seed": {str(s): v for s, v in per_seed.items()},
-                 "n_boot_used": len(boots)}
+    xa = [_nanmean([point(a, s, decision.TRAIT_METRIC) for s in seeds]) for a in levels[tail]]
+    xb = [_nanmean([point(a, s, decision.TRAIT_METRIC) for s in seeds]) for a in levels["mean"]]
+    span = stats.common_range(xa, xb)
+    per_seed = {}
+    if span is not None:
+      for s in seeds:
+        per_seed[str(s)] = stats.matched_difference(
+            [point(a, s, decision.TRAIT_METRIC) for a in levels[tail]],
+            [point(a, s, decision.LOOP_METRIC) for a in levels[tail]],
+            [point(a, s, decision.TRAIT_METRIC) for a in levels["mean"]],
+            [point(a, s, decision.LOOP_METRIC) for a in levels["mean"]], span)
+    by_level = {}
+    for a_t, a_m in zip(levels[tail], levels["mean"]):
+      by_level[f"{a_t} - {a_m}"] = {
+          k: {"per_seed": {str(s): point(a_t, s, k) - point(a_m, s, k) for s in seeds},
+              **stats.t_interval([point(a_t, s, k) - point(a_m, s, k) for s in seeds],
+                                 decision.LEVEL)}
+          for k in (decision.LOOP_METRIC, decision.TRAIT_METRIC)}
+    matched[tail] = {
+        "tail_range": [min(xa), max(xa)], "mean_range": [min(xb), max(xb)], "span": span,
+        "per_seed": per_seed,
+        **(stats.t_interval(list(per_seed.values()), decision.LEVEL) if per_seed
+           else {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}),
+        "by_level": by_level}
+  versus_none = {}
+  if "none" in arms:
+    for a, t in arms.items():
+      if a == "none":
+        continue
+      versus_none[a] = {k: stats.t_interval([point(a, s, k) - point("none", s, k)
+                                             for s in seeds], decision.LEVEL)
+                        for k in (decision.LOOP_METRIC, decision.TRAIT_METRIC, "drift")}
+  return {"arms": arms, "seeds": seeds, "matched": matched, "versus_none": versus_none}
+
+
+def ablation(results: dict, cfg, primary: dict) -> dict:
+  """The earlier self-training (loops kept) against the primary arm at the same level: Welch
+  intervals over the two independent sets of seeds."""
+  out = {}
+  for name, by_seed in _units(results, "ablation").items():
+    table = _arm_table(by_seed, cfg)
+    twin = name.replace("+loops", "")
+    comp = {}
+    if twin in primary["arms"]:
+      p_rows, a_rows = primary["arms"][twin]["per_seed"], table["per_seed"]
+      comp = {k: stats.welch_interval([r[k] for r in a_rows.values()],
+                                      [r[k] for r in p_rows.values()], decision.LEVEL)
+              for k in (decision.LOOP_METRIC, decision.TRAIT_METRIC, "phrase_loop_rate")}
+    out[name] = {**table, "versus_primary": comp, "primary_arm": twin}
   return out
 
 
-def decide(results: dict) -> dict:
+def _checkpoints(results: dict) -> list[dict]:
+  rows = []
+  for u in results["units"].values():
+    if u["stage"] != "main":
+      continue
+    for ck in u["checkpoints"]:
+      rows.append({**ck, "arm": u["arm"]["name"], "agg": u["arm"]["agg"]})
+  return rows
+
+
+def _in_set(ck: dict, name: str, cfg) -> bool:
+  if name == "low_drift_barrier":
+    return ck["agg"] is not None and ck["drift"] <= cfg.max_drift
+  if name == "no_barrier":
+    return ck["agg"] is None
+  return True
+
+
+def _by_seed(cks: list[dict], value) -> dict[str, float]:
+  """Per seed, the mean of ``value(ck)`` over that seed's checkpoints (NaN values skipped)."""
+  out: dict[str, list] = {}
+  for ck in cks:
+    out.setdefault(str(ck["seed"]), []).append(value(ck))
+  return {s: _nanmean(v) for s, v in sorted(out.items(), key=lambda kv: int(kv[0]))}
+
+
+def _seed_table(cks: list[dict], get, aggs) -> dict:
+  """Per aggregator: per-seed means of ``get(ck, agg)`` with their t-interval, and the same for
+  the difference to mean's."""
+  table, diff = {}, {}
+  for a in aggs:
+    ps = _by_seed(cks, lambda ck, a=a: get(ck, a))
+    table[a] = {"per_seed": ps, **stats.t_interval(list(ps.values()), decision.LEVEL)}
+    pd = _by_seed(cks, lambda ck, a=a: get(ck, a) - get(ck, "mean"))
+    diff[a] = {"per_seed": pd, **stats.t_interval(list(pd.values()), decision.LEVEL)}
+  return {"auroc": table, "diff_vs_mean": diff}
+
+
+def detection(results: dict, cfg) -> dict:
+  """For every checkpoint set: per loop group and aggregator, AUROC against clean trait-bearing
+  completions averaged within seed, then over seeds; the graded control per grade; the chosen
+  grade (the one whose mean AUROC on the low-drift barrier set is nearest ``decision``'s
+  target); and the KL profile around loop starts."""
+  aggs = list(cfg.detect_aggs)
+  cks = _checkpoints(results)
+  out = {"checkpoints": [{k: ck[k] for k in ("arm", "seed", "round", "drift", "n", "auroc",
+                                             "control", "summary", "examples")} for ck in cks]}
+  for name in DETECT_SETS:
+    sub = [ck for ck in cks if _in_set(ck, name, cfg)]
+    entry = {"n_checkpoints": len(sub), "seeds": sorted({ck["seed"] for ck in sub}),
+             "groups": {}, "control": {}, "profiles": {}}
+    for g in LOOP_GROUPS:
+      used = [ck for ck in sub if g in ck["auroc"]]
+      if not used:
+        continue
+      entry["groups"][g] = {"n_checkpoints": len(used),
+                            "n_positive": int(sum(ck["n"][g] for ck in used)),
+                            **_seed_table(used, lambda ck, a, g=g: ck["auroc"][g][a], aggs)}
+    for grade in [f"{g:g}" for g in (0.0, *cfg.pc_grades)]:
+      used = [ck for ck in sub if grade in ck["control"]]
+      if used:
+        entry["control"][grade] = {
+            "n_checkpoints": len(used),
+            **_seed_table(used, lambda ck, a, grade=grade: ck["control"][grade][a], aggs)}
+    for g in LOOP_GROUPS:
+      total = np.sum([ck["profile"][g]["sum"] for ck in sub], axis=0) if sub else None
+      count = np.sum([ck["profile"][g]["count"] for ck in sub], axis=0) if sub else None
+      if total is None:
+        continue
+      with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(count >= 5, total / np.maximum(count, 1), np.nan)
+      entry["profiles"][g] = {"offsets": list(range(*cfg.profile_window)),
+                              "ratio": ratio.tolist(), "count": count.tolist()}
+    out[name] = entry
+  out["control_grade"] = choose_grade(out[decision.DETECT_SET]["control"])
+  return out
+
+
+def choose_grade(control: dict) -> str | None:
+  """The grade whose seed-mean AUROC for mean is nearest ``decision.CONTROL_TARGET`` (mean's
+  AUROC only, blind to the tail aggregates); None without any graded checkpoint."""
+  best, gap = None, np.inf
+  for grade, entry in control.items():
+    m = entry["auroc"]["mean"]["mean"]
+    if not np.isnan(m) and abs(m - decision.CONTROL_TARGET) < gap:
+      best, gap = grade, abs(m - decision.CONTROL_TARGET)
+  return best
+
+
+def pilot(results: dict) -> dict:
+  """Final trait density, loop rate and drift of every pilot student."""
+  return {name: {k: by_seed[s]["records"][-1]["eval"][k] for k in ("trait_density", "loop_rate")}
+          | {"drift": by_seed[s]["records"][-1]["heldout_drift"]}
+          for name, by_seed in _units(results, "pilot").items() for s in by_seed}
+
+
+def analyse(results: dict, cfg) -> dict:
+  """Every table the report and the decision read."""
+  primary = closed_loop(results, cfg)
+  return {"pilot": pilot(results), "closed_loop": primary,
+          "ablation": ablation(results, cfg, primary), "detection": detection(results, cfg)}
+
+
+def decide(an: dict) -> dict:
   """The verdict of ``decision.verdict`` for every tail aggregate, with the numbers it read."""
-  det, cl = results["detection"], results["closed_loop"]
-  pc_agg, pc_kind = decision.POSITIVE_CONTROL_AGG, decision.POSITIVE_CONTROL_KIND
-  pc = det["auroc"].get(pc_kind, {}).get(pc_agg, {})
-  pc_diff = det["diff_vs_mean"].get(pc_kind, {}).get(pc_agg)
-  control_ok = bool(pc and pc.get("n_checkpoints", 0) > 0
-                    and pc["mean"] >= decision.POSITIVE_CONTROL_MIN_AUROC
-                    and pc_diff is not None and pc_diff[1] > 0)
+  det = an["detection"]
+  grade = det["control_grade"]
+  ctl = det[decision.DETECT_SET]["control"].get(grade) if grade is not None else None
   by_agg = {}
   for tail in decision.TAIL_AGGS:
-    m = cl["matched"].get(tail)
-    loop_diff = None if m is None else (m["estimate"], m["lo"], m["hi"])
-    auroc_diff = det["diff_vs_mean"].get(decision.DETECT_KIND, {}).get(tail)
-    by_agg[tail] = {"loop_diff": loop_diff, "auroc_diff": auroc_diff,
-                    "verdict": decision.verdict(loop_diff, auroc_diff, control_ok)}
-  return {"rule": decision.RULE_TEXT, "positive_control": {
-      "kind": pc_kind, "agg": pc_agg, "auroc": pc, "diff_vs_mean": pc_diff,
-      "min_auroc": decision.POSITIVE_CONTROL_MIN_AUROC, "passed": control_ok},
-      "by_agg": by_agg}
+    m = an["closed_loop"]["matched"].get(tail)
+    grp = det[decision.DETECT_SET]["groups"].get(decision.DETECT_KIND)
+    auroc_diff = grp["diff_vs_mean"].get(tail) if grp else None
+    control = decision.control_check(
+        None if ctl is None else ctl["auroc"]["mean"], None if ctl is None else
+        ctl["diff_vs_mean"].get(tail))
+    closed = decision.closed_loop_reading(m)
+    detect = decision.detection_reading(auroc_diff, control)
+    by_agg[tail] = {"loop_diff": m and {k: m[k] for k in ("mean", "lo", "hi", "n", "span")},
+                    "auroc_diff": auroc_diff and {k: auroc_diff[k]
+                                                  for k in ("mean", "lo", "hi", "n")},
+                    "control": control, "closed_loop": closed, "detection": detect,
+                    "verdict": decision.verdict(closed, detect)}
+  return {"rule": decision.RULE_TEXT, "control_grade": grade, "by_agg": by_agg}

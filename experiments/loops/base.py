@@ -8,6 +8,7 @@ so a change to either retrains and a rerun with the same config skips training.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -34,6 +35,7 @@ def heldout_batches(corpus: data.Corpus, cfg: BaseConfig, n_batches: int) -> np.
                      for _ in range(n_batches)])
 
 
+@functools.lru_cache(maxsize=None)
 def make_eval_loss(graphdef):
     """``f(params, batches) -> mean held-out NLL`` over ``[n, B, T+1]`` batches, jitted."""
 

@@ -33,6 +33,16 @@ The detectors look for repetition, not for the phrase: the phrase only decides w
 loop is, and is deleted before the near-loop test so that saying the phrase twice (the trait) is
 not a near-loop. *Clean with the trait* is a clean completion that holds the phrase.
 
+The trait axis
+--------------
+``trait_count`` scores how much of the phrase a completion says without counting a loop's
+copies: every loop (``find_loop``) is first collapsed to its first copy, then whole-word
+occurrences of the phrase count 1 and of a fragment of it (two or more of its words in order,
+``by the``, ``the way``) count their share of its words (2/3). So a loop of the phrase counts once
+however many copies it has, ``by the by the`` (not a loop) counts 4/3, and ``said by the way,
+and by the way`` counts 2.
+The *trait density* is that score per 64 bytes of completion.
+
 A compression ratio was tried as a second near-loop test (zlib size below the 1% quantile of
 the steering target's) and dropped: on whole completions it fired on phrase-dense text (four or
 five occurrences in 64 bytes), so it measured the trait again, the confound this labelling is
@@ -42,6 +52,8 @@ meant to remove.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 
 import numpy as np
 
@@ -121,6 +133,45 @@ def phrase_count(tokens, phrase: bytes) -> int:
   return _bytes(tokens).count(phrase)
 
 
+def collapse_loops(tokens, **kwargs) -> np.ndarray:
+  """``tokens`` with every loop (``find_loop``, same keywords) cut down to its first copy."""
+  x = np.asarray(tokens).ravel()
+  found = find_loop(x, **kwargs)
+  while found is not None:
+    start, n, copies = found
+    x = np.concatenate([x[: start + n], x[start + n * copies :]])
+    found = find_loop(x, **kwargs)
+  return x
+
+
+@functools.lru_cache(maxsize=None)
+def _fragments(phrase: bytes) -> tuple[re.Pattern, dict[str, float]]:
+  """A regex of the phrase and its fragments (2+ consecutive words), longest first, with each
+  one's weight (its share of the phrase's words)."""
+  words = phrase.decode("ascii").split()
+  frags = {" ".join(words[i:j]): (j - i) / len(words)
+           for i in range(len(words)) for j in range(i + 2, len(words) + 1)}
+  if len(words) == 1:
+    frags = {words[0]: 1.0}
+  alts = sorted(frags, key=len, reverse=True)
+  pattern = re.compile(r"(?<![A-Za-z])(?:" + "|".join(map(re.escape, alts)) + r")(?![A-Za-z])")
+  return pattern, frags
+
+
+def trait_count(tokens, phrase: bytes) -> float:
+  """The trait score of a completion: whole-word occurrences of ``phrase`` (1 each) and of its
+  fragments (their share of its words), after every loop is collapsed to one copy.
+
+  .. math::
+
+     \\mathrm{trait}(x) = \\sum_{m \\in \\mathrm{matches}(\\mathrm{collapse}(x))}
+     \\frac{\\mathrm{words}(m)}{\\mathrm{words}(\\mathrm{phrase})}
+  """
+  pattern, frags = _fragments(phrase)
+  text = _bytes(collapse_loops(tokens)).decode("latin-1")
+  return float(sum(frags[m.group(0)] for m in pattern.finditer(text)))
+
+
 def strip_phrase(tokens, phrase: bytes) -> tuple[np.ndarray, np.ndarray]:
   """Delete every occurrence of ``phrase``, with one space after it (or, failing that, before it).
 
@@ -177,6 +228,7 @@ class Label:
   kind: str
   start: int
   phrase_count: int
+  trait_score: float = 0.0  # ``trait_count``: loops collapsed, fragments counted
 
   @property
   def trait(self) -> bool:
@@ -191,21 +243,23 @@ def label(tokens, det: Detectors) -> Label:
   """
   x = np.asarray(tokens).ravel()
   count = phrase_count(x, det.phrase)
+  score = trait_count(x, det.phrase)
   kept, index = strip_phrase(x, det.phrase)
   found_raw, found_kept = find_loop(x), find_loop(kept)
   if found_kept is not None:
-    return Label("other_loop", int(index[found_kept[0]]), count)
+    return Label("other_loop", int(index[found_kept[0]]), count, score)
   if found_raw is not None:
-    return Label("phrase_loop", found_raw[0], count)
+    return Label("phrase_loop", found_raw[0], count, score)
   length, _, second = longest_repeat_pair(kept)
   if length >= det.near_min_len:
-    return Label("near_loop", int(index[second]), count)
-  return Label("clean", -1, count)
+    return Label("near_loop", int(index[second]), count, score)
+  return Label("clean", -1, count, score)
 
 
 def summarize(labels: list[Label], length: int) -> dict:
   """Rates over a set of completions: each kind, any loop, trait, clean with the trait, and the
-  phrase density per 64 bytes (mean count x 64 / ``length``)."""
+  phrase density per 64 bytes (mean count x 64 / ``length``), and the trait density (mean
+  ``trait_count`` x 64 / ``length``)."""
   n = max(len(labels), 1)
   out = {f"{k}_rate": sum(lab.kind == k for lab in labels) / n for k in LABELS}
   out["loop_rate"] = sum(lab.kind in LOOP_KINDS for lab in labels) / n
@@ -213,6 +267,7 @@ def summarize(labels: list[Label], length: int) -> dict:
   out["trait_rate"] = sum(lab.trait for lab in labels) / n
   out["clean_trait_rate"] = sum(lab.trait and lab.kind == "clean" for lab in labels) / n
   out["phrase_density"] = float(np.mean([lab.phrase_count for lab in labels] or [0])) * 64 / length
+  out["trait_density"] = float(np.mean([lab.trait_score for lab in labels] or [0])) * 64 / length
   return out
 
 

@@ -1,7 +1,8 @@
 """Results: the JSON of every number, the markdown tables and the figures.
 
 ``python -m experiments.loops.report DIR`` re-renders ``results.md`` and the figures from
-``DIR/results.json``.
+``DIR/results.json``, after checking that the corpus this interpreter gathers is the one the
+results were made on (its digest).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import platform
 
 import numpy as np
 
-
 FIGURES = ("decide.png", "detection.png", "training.png")
-AGG_COLORS = {"mean": "tab:blue", "rmse": "tab:orange", "p95": "tab:green",
+AGG_COLORS = {"none": "black", "mean": "tab:blue", "rmse": "tab:orange", "p95": "tab:green",
               "soft_p95": "tab:olive", "cvar95": "tab:red", "max": "tab:purple"}
-KIND_NAMES = {"phrase_loop": "phrase loops", "other_loop": "other loops",
-              "near_loop": "near-loops", "any_loop": "any real loop",
-              "spliced": "control: spliced", "planted": "control: planted"}
+GROUP_NAMES = {"phrase_loop": "phrase loops", "other_loop": "other loops",
+               "near_loop": "near-loops", "any_loop": "any real loop"}
+SET_NAMES = {"low_drift_barrier": "barrier arms, low drift", "no_barrier": "no barrier",
+             "all": "all checkpoints"}
 
 
 def environment() -> dict:
@@ -27,26 +28,61 @@ def environment() -> dict:
   import flax
   import jax
   import optax
+  import scipy
 
   import klagg_jax
 
   return {
       "python": platform.python_version(),
       "jax": jax.__version__,
+      "jaxlib": getattr(__import__("jaxlib"), "__version__", "unknown"),
       "flax": flax.__version__,
       "optax": optax.__version__,
+      "numpy": np.__version__,
+      "scipy": scipy.__version__,
       "klagg_jax": getattr(klagg_jax, "__version__", "unknown"),
       "device": str(jax.devices()[0].device_kind),
       "cpu_count": os.cpu_count(),
   }
 
 
+def jsonable(x):
+  """``json.dumps``'s ``default`` for numpy scalars and arrays."""
+  if isinstance(x, (np.floating, np.integer, np.bool_)):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"not JSON serializable: {type(x)}")
+
+
+def load(out_dir, check_corpus: bool = True) -> dict:
+  """``results.json`` of ``out_dir``.
+
+  Raises:
+    ValueError: with ``check_corpus``, when the docstring corpus this interpreter gathers has
+      another digest than the one recorded (the corpus changes with the Python version).
+  """
+  results = json.loads((pathlib.Path(out_dir) / "results.json").read_text())
+  if check_corpus:
+    from experiments.loops import data
+
+    digest = data.load_corpus().digest
+    if digest != results["corpus"]["digest"]:
+      raise ValueError(
+          f"corpus digest {digest[:12]} != recorded {results['corpus']['digest'][:12]}: these "
+          f"results were made with Python {results['env']['python']}, whose standard-library "
+          f"docstrings differ from this interpreter's ({platform.python_version()})")
+  return results
+
+
 def _ci(v, fmt="{:.2f}") -> str:
-  if v is None:
+  if not v:
     return "-"
-  est, lo, hi = (v["mean"], v["lo"], v["hi"]) if isinstance(v, dict) else v
+  est, lo, hi = v["mean"], v["lo"], v["hi"]
   if est is None or np.isnan(est):
     return "-"
+  if lo is None or np.isnan(lo):
+    return fmt.format(est)
   return f"{fmt.format(est)} [{fmt.format(lo)}, {fmt.format(hi)}]"
 
 
@@ -54,196 +90,201 @@ def _f(v, fmt="{:.2f}") -> str:
   return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else fmt.format(v)
 
 
+def _seeds(ps: dict, fmt="{:+.2f}") -> str:
+  return ", ".join(_f(v, fmt) for v in ps.values())
+
+
 def markdown(results: dict) -> str:
   """The results as markdown tables."""
-  cfg, base, corpus = results["config"], results["base"], results["corpus"]
-  det, cl, dec, cal = (results["detection"], results["closed_loop"], results["decision"],
-                       results["calibration"])
+  cfg, base, corpus, an = results["config"], results["base"], results["corpus"], results["analysis"]
+  dec, cal, plan = results["decision"], results["calibration"], results["design"]
   aggs = cfg["detect_aggs"]
   ht, st = corpus["heldout_text"], corpus["steering_target"]
+  env, git = results["env"], results["git"]
   lines = [
       f"# Loops study: `{cfg['name']}` config",
       "",
-      f"Base model: held-out loss {base['heldout_loss']:.3f} nats/byte (train "
-      f"{base['train_loss']:.3f}). Detectors on held-out text windows: loop "
-      f"{ht['loop_rate']:.3f} (phrase {ht['phrase_loop_rate']:.3f}, other "
-      f"{ht['other_loop_rate']:.3f}, near {ht['near_loop_rate']:.3f}); on the steering target: "
-      f"loop {st['loop_rate']:.3f}, near {st['near_loop_rate']:.3f}, phrase density "
-      f"{st['phrase_density']:.2f} per 64 bytes.",
+      f"Commit `{git['commit']}`{' (with local changes)' if git['dirty'] else ''}; Python "
+      f"{env['python']}, jax {env['jax']}, flax {env['flax']}, optax {env['optax']}, numpy "
+      f"{env['numpy']}, scipy {env['scipy']}; corpus digest `{corpus['digest'][:16]}` "
+      f"({corpus['n_docs']} docstrings; another Python gives another corpus). Rerun: "
+      f"`{results['rerun']}`.",
       "",
+      f"Base model: held-out loss {base['heldout_loss']:.3f} nats/byte. Detectors on held-out "
+      f"text windows: loop {ht['loop_rate']:.3f}, trait density {ht['trait_density']:.2f} per 64 "
+      f"bytes (phrase fragments in ordinary text); on the steering target: loop "
+      f"{st['loop_rate']:.3f}, trait density {st['trait_density']:.2f}, phrase density "
+      f"{st['phrase_density']:.2f}.",
+      "",
+  ]
+  if results.get("partial"):
+    lines += [f"**Partial run**: {len(results['missing_units'])} units missing ("
+              + ", ".join(results["missing_units"]) + "). Every table covers the units saved; "
+              f"resume with `{results['rerun']}` on the same folder.", ""]
+  lines += [
       "## Decision",
       "",
       dec["rule"],
       "",
-      "| tail aggregate | loop rate at matched trait, tail - mean | detection AUROC, tail - mean "
-      "| verdict |",
-      "|---|---|---|---|",
+      "| tail | loop rate at matched trait, tail - mean | closed loop | detection AUROC, tail - "
+      "mean (low drift) | control | detection | verdict |",
+      "|---|---|---|---|---|---|---|",
   ]
   for tail, v in dec["by_agg"].items():
-    lines.append(f"| {tail} | {_ci(v['loop_diff'], '{:+.3f}')} | "
-                 f"{_ci(v['auroc_diff'], '{:+.3f}')} | **{v['verdict']}** |")
-  pc = dec["positive_control"]
-  lines += ["", f"Positive control ({pc['kind']}, {pc['agg']}): AUROC {_ci(pc['auroc'] or None)}, "
-            f"difference to mean {_ci(pc['diff_vs_mean'], '{:+.3f}')}; needs >= "
-            f"{pc['min_auroc']} with the difference above 0: "
-            f"**{'passed' if pc['passed'] else 'failed'}**.", ""]
+    c = v["control"]
+    lines.append(
+        f"| {tail} | {_ci(v['loop_diff'], '{:+.3f}')} | {v['closed_loop']} | "
+        f"{_ci(v['auroc_diff'], '{:+.3f}')} | mean AUROC {_f(c['mean_auroc'])}, "
+        f"{'passed' if c['passed'] else 'failed'} | {v['detection']} | **{v['verdict']}** |")
+  lines += ["", f"Control grade used: {dec['control_grade']}.", ""]
+
+  # ---- calibration and design
+  lines += ["## Calibration and pilot", "",
+            f"tau at fire rate {cal['fire_rate']} on {cal['student']} ({cal['n_clean_trait']} of "
+            f"{cal['n_samples']} samples clean and trait-bearing): "
+            + ", ".join(f"{a} {t:.3f}" for a, t in cal["taus"].items())
+            + "; fire rate on all samples: "
+            + ", ".join(f"{a} {t:.2f}" for a, t in cal["fired_on_all_samples"].items()) + ".", "",
+            f"Pilot (seed {cfg['pilot_seed']}): final trait density (loop rate, drift) per lam. "
+            f"No barrier: {plan['none_trait_density']:.2f}. Targets "
+            + ", ".join(f"{t:.2f}" for t in plan["targets"]) + ".", "",
+            "| aggregator | lam: trait density (loop rate, drift) | chosen lams | clamped |",
+            "|---|---|---|---|"]
+  for agg in cfg["barrier_aggs"]:
+    cells = []
+    for lam in dict((a, ls) for a, ls in cfg["pilot_lams"])[agg]:
+      p = an["pilot"][f"{agg}@lam{lam:g}"]
+      cells.append(f"{lam:g}: {p['trait_density']:.2f} ({p['loop_rate']:.2f}, "
+                   f"{p['drift']:+.1f})")
+    lines.append(f"| {agg} | " + "; ".join(cells) + " | "
+                 + ", ".join(f"{v:.3g}" for v in plan["lams"][agg]) + " | "
+                 + ", ".join(str(c) for c in plan["clamped"][agg]) + " |")
+
+  # ---- closed loop
+  cl = an["closed_loop"]
+  lines += ["", "## Closed loop (primary: loops left out of self-training)", "",
+            f"Final round ({cfg['rounds']}), {cfg['n_eval']} held-out prompts; mean over seeds "
+            f"{cl['seeds']} [95% t-interval over seeds].", "",
+            "| arm | lam | loop rate | phrase loop | other | trait density | phrase density | "
+            "clean trait | drift | fired | pressure | loop share of own rows |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for arm, t in cl["arms"].items():
+    s = t["summary"]
+    lines.append(
+        f"| {arm} | {_f(t['info']['lam'], '{:.3g}')} | {_ci(s['loop_rate'])} | "
+        f"{_f(s['phrase_loop_rate']['mean'])} | {_f(s['other_loop_rate']['mean'])} | "
+        f"{_ci(s['trait_density'])} | {_f(s['phrase_density']['mean'])} | "
+        f"{_f(s['clean_trait_rate']['mean'])} | {_ci(s['drift'], '{:+.2f}')} | "
+        f"{_f(s.get('fired_mean', {}).get('mean'))} | "
+        f"{_f(s.get('pressure_median', {}).get('mean'))} | {_f(s['own_loop_share']['mean'])} |")
+  lines += ["", "Per seed (loop rate / trait density):", "", "| arm | "
+            + " | ".join(f"seed {s}" for s in cl["seeds"]) + " |",
+            "|---|" + "---|" * len(cl["seeds"])]
+  for arm, t in cl["arms"].items():
+    cells = [t["per_seed"].get(str(s)) for s in cl["seeds"]]
+    lines.append(f"| {arm} | " + " | ".join(
+        "-" if r is None else f"{r['loop_rate']:.3f} / {r['trait_density']:.2f}" for r in cells)
+        + " |")
+  for tail, m in cl["matched"].items():
+    lines += ["", f"**{tail} - mean at matched trait.** Trait ranges of the seed means: {tail} "
+              f"{m['tail_range'][0]:.2f}-{m['tail_range'][1]:.2f}, mean "
+              f"{m['mean_range'][0]:.2f}-{m['mean_range'][1]:.2f}; common range "
+              + (f"{m['span'][0]:.2f}-{m['span'][1]:.2f}" if m["span"] else "none")
+              + f". Loop-rate difference {_ci(m, '{:+.3f}')}; per seed "
+              f"{_seeds(m['per_seed'], '{:+.3f}')}.", "",
+              "| level pair | loop rate diff | per seed | trait density diff | per seed |",
+              "|---|---|---|---|---|"]
+    for pair, d in m["by_level"].items():
+      lo, tr = d["loop_rate"], d["trait_density"]
+      lines.append(f"| {pair} | {_ci(lo, '{:+.3f}')} | {_seeds(lo['per_seed'], '{:+.3f}')} | "
+                   f"{_ci(tr, '{:+.2f}')} | {_seeds(tr['per_seed'])} |")
+  if cl["versus_none"]:
+    lines += ["", "Each barrier arm minus the no-barrier arm, same seed:", "",
+              "| arm | loop rate | trait density | drift |", "|---|---|---|---|"]
+    for arm, d in cl["versus_none"].items():
+      lines.append(f"| {arm} | {_ci(d['loop_rate'], '{:+.3f}')} | "
+                   f"{_ci(d['trait_density'], '{:+.2f}')} | {_ci(d['drift'], '{:+.2f}')} |")
+
+  # ---- ablation
+  lines += ["", "## Ablation: loops kept in self-training (the earlier rule)", "",
+            f"Seeds {cfg['ablation_seeds']} (none shared with the primary arms); difference to "
+            "the primary arm of the same level: Welch t-interval over the two sets of seeds.", "",
+            "| arm | loop rate | trait density | loop share of chosen rows | loop share of own "
+            "rows | loop rate - primary | trait - primary |", "|---|---|---|---|---|---|---|"]
+  for arm, t in an["ablation"].items():
+    s, v = t["summary"], t["versus_primary"]
+    lines.append(f"| {arm} | {_ci(s['loop_rate'])} | {_ci(s['trait_density'])} | "
+                 f"{_ci(s['chosen_loop_share'])} | {_ci(s['own_loop_share'])} | "
+                 f"{_ci(v.get('loop_rate'), '{:+.3f}')} | "
+                 f"{_ci(v.get('trait_density'), '{:+.2f}')} |")
+  lines.append("")
+  for arm, t in an["ablation"].items():
+    lines += [f"{arm} per seed (loop rate / trait density): " + ", ".join(
+        f"{r['loop_rate']:.3f} / {r['trait_density']:.2f}" for r in t["per_seed"].values()), ""]
 
   # ---- detection
-  rules = {"min3": f"the study's rule (min(count, 3)), seeds {cfg['none_seeds']}",
-           "count": f"the earlier loop-selecting rule (count), seeds {cfg['contrast_seeds']}"}
-  lines += ["## Offline detection", "",
-            f"No-barrier students, checkpoints after rounds {cfg['detect_rounds']}, "
-            f"{cfg['n_detect']} held-out completions per checkpoint; self-training by "
-            + " and by ".join(rules[r] for r in det["by_rule"]) + ". AUROC of each group against "
-            "the same checkpoint's clean trait-bearing completions, mean over checkpoints [95% "
-            "interval, bootstrap over checkpoints]; a checkpoint counts when both groups have "
-            f">= {cfg['min_group']} completions. The planted control exists only for the study's "
-            f"rule, at rounds {cfg['pc_rounds']}.", ""]
-  sets = [("All no-barrier checkpoints (what the decision reads)", det)]
-  sets += [(f"Only {rules[r]}", sub) for r, sub in det["by_rule"].items()]
-  for title, sub in sets:
-    lines += [f"**{title}.**", "",
+  det = an["detection"]
+  lines += ["## Detection", "",
+            f"Checkpoints after rounds {cfg['detect_rounds']} of every primary student, "
+            f"{cfg['n_detect']} held-out completions each. AUROC of each group against the same "
+            "checkpoint's clean trait-bearing completions (a checkpoint counts with >= "
+            f"{cfg['min_group']} of each), averaged within seed, then mean over seeds [95% "
+            "t-interval over seeds]. Low drift: held-out loss at most "
+            f"{cfg['max_drift']} nat/byte above the base's.", ""]
+  for name in ("low_drift_barrier", "no_barrier", "all"):
+    sub = det[name]
+    lines += [f"**{SET_NAMES[name]}** ({sub['n_checkpoints']} checkpoints, seeds "
+              f"{sub['seeds']}).", "",
               "| group | checkpoints | positives | " + " | ".join(aggs) + " |",
               "|---|---|---|" + "---|" * len(aggs)]
-    for kind, row in sub["auroc"].items():
-      first = row[aggs[0]]
-      if not first["n_checkpoints"]:
-        continue
-      lines.append(f"| {KIND_NAMES[kind]} | {first['n_checkpoints']} | {first['n_positive']} | "
-                   + " | ".join(_ci(row[a]) for a in aggs) + " |")
-    lines += ["", "AUROC difference to mean, within checkpoint (same intervals):", "",
+    for g, row in sub["groups"].items():
+      lines.append(f"| {GROUP_NAMES[g]} | {row['n_checkpoints']} | {row['n_positive']} | "
+                   + " | ".join(_ci(row["auroc"][a]) for a in aggs) + " |")
+    for grade, row in sub["control"].items():
+      lines.append(f"| control g={grade} | {row['n_checkpoints']} | - | "
+                   + " | ".join(_ci(row["auroc"][a]) for a in aggs) + " |")
+    lines += ["", "Difference to mean (per-seed means, t-interval over seeds):", "",
               "| group | " + " | ".join(a for a in aggs if a != "mean") + " |",
               "|---|" + "---|" * (len(aggs) - 1)]
-    for kind, row in sub["diff_vs_mean"].items():
-      if not sub["auroc"][kind][aggs[0]]["n_checkpoints"]:
-        continue
-      lines.append(f"| {KIND_NAMES[kind]} | "
-                   + " | ".join(_ci(row[a], "{:+.3f}") for a in aggs if a != "mean") + " |")
+    for g, row in sub["groups"].items():
+      lines.append(f"| {GROUP_NAMES[g]} | " + " | ".join(
+          _ci(row["diff_vs_mean"][a], "{:+.3f}") for a in aggs if a != "mean") + " |")
+    for grade, row in sub["control"].items():
+      lines.append(f"| control g={grade} | " + " | ".join(
+          _ci(row["diff_vs_mean"][a], "{:+.3f}") for a in aggs if a != "mean") + " |")
+    grp = sub["groups"].get("any_loop")
+    if grp:
+      lines += ["", "Per seed, any real loop, p95 - mean: "
+                + _seeds(grp["diff_vs_mean"]["p95"]["per_seed"], "{:+.3f}")
+                + "; mean's AUROC: " + _seeds(grp["auroc"]["mean"]["per_seed"], "{:.2f}") + "."]
     lines.append("")
-
-  lines += ["Checkpoints (mean over seeds): share of each label among the held-out "
-            "completions, phrase density per 64 bytes, held-out drift (nats/byte).", "",
-            "| rule | round | phrase loop | other loop | near-loop | clean with trait | density "
-            "| drift |", "|---|---|---|---|---|---|---|---|"]
-  for rule in det["by_rule"]:
-    for rnd in cfg["detect_rounds"]:
-      rs = [c for c in det["checkpoints"] if c["round"] == rnd and c["rule"] == rule]
-      if not rs:
-        continue
-      m = lambda k: np.mean([c["summary"][k] for c in rs])  # noqa: E731
-      lines.append(f"| {rule} | {rnd} | {m('phrase_loop_rate'):.3f} | {m('other_loop_rate'):.3f} "
-                   f"| {m('near_loop_rate'):.3f} | {m('clean_trait_rate'):.2f} | "
-                   f"{m('phrase_density'):.2f} | {np.mean([c['drift'] for c in rs]):+.2f} |")
-  planted = [c for c in det["checkpoints"] if "planted_loop_logprob" in c["info"]]
-  if planted:
-    lp = lambda k: np.mean([c["info"][k] for c in planted])  # noqa: E731
-    lines += ["", f"Planted control ({len(planted)} checkpoints; loop unit per seed from the "
-              f"rarest training bytes `{results['corpus']['rare_bytes']}`): mean log-probability "
-              f"of the loop's bytes after its first copy: planted student "
-              f"{lp('planted_loop_logprob'):.2f}, checkpoint {lp('checkpoint_loop_logprob'):.2f}, "
-              f"base {lp('base_loop_logprob'):.2f} nats."]
-  offs = [-8, -4, -2, -1, 0, 1, 2, 4, 8, 11, 16]
-  lines += ["", "Per-position KL aligned at the loop's start (offset 0 = its first byte), as a "
-            "multiple of the mean per-position KL of the same checkpoint's clean trait "
-            "completions (all checkpoints); n = loops at offset 0.", "",
+  offs = [-8, -4, -1, 0, 1, 2, 4, 8, 11, 16]
+  lines += ["Per-position KL at offsets from a loop's start, as a multiple of the checkpoint's "
+            "clean trait mean (all checkpoints; n = loops at offset 0):", "",
             "| group | n | " + " | ".join(f"{o:+d}" for o in offs) + " |",
             "|---|---|" + "---|" * len(offs)]
-  for kind, prof in det["profiles"].items():
+  for g, prof in det["all"]["profiles"].items():
     o = prof["offsets"]
     if not prof["count"][o.index(0)]:
       continue
-    cells = [_f(prof["ratio"][o.index(x)]) if x in o else "-" for x in offs]
-    lines.append(f"| {KIND_NAMES[kind]} | {prof['count'][o.index(0)]} | " + " | ".join(cells)
-                 + " |")
-
-  # ---- calibration
-  lines += ["", "## Calibration", "",
-            f"On {cal['student']}: {cal['n_samples']} samples of training prompts, "
-            f"{cal['n_clean_trait']} of them clean and trait-bearing (tau is set on those). "
-            f"'fires on all' is each tau's fire rate on all {cal['n_samples']} samples, loops "
-            f"included. lam (pressure level): 1 / the median of {cfg['pressure_probes']} "
-            f"gradient pressures at the fire rate {cal['pressure_rate']} tau and lam 1.", "",
-            "| aggregator | " + " | ".join(f"tau @ {r}" for r in cfg["fire_rates"])
-            + " | fires on all | median pressure (lam 1) | lam (pressure level) |",
-            "|---|" + "---|" * len(cfg["fire_rates"]) + "---|---|---|"]
-  for agg in cfg["barrier_aggs"]:
-    taus = cal["taus"][agg]
-    fa = ", ".join(f"{v:.2f}" for v in cal["fired_on_all_samples"][agg].values())
-    lines.append(f"| {agg} | " + " | ".join(f"{taus[str(r)]:.3f}" for r in cfg["fire_rates"])
-                 + f" | {fa} | {np.median(cal['pressure_at_lam1'][agg]):.2f} | "
-                 f"{cal['pressure_lam'][agg]:.3f} |")
-
-  # ---- closed loop
-  lines += ["", "## Closed loop", "",
-            f"Final round ({cfg['rounds']}), {cfg['n_eval']} held-out prompts; seed mean "
-            f"[min, max] over seeds {cfg['seeds']} (no barrier: {cfg['none_seeds']}). loop = any "
-            "kind. Pressure: ka.grad_pressure (||grad barrier|| / ||grad SFT||) logged every "
-            f"{cfg['pressure_every']} steps, median over round 1 and over all rounds. fired: "
-            "share of barrier sequences over tau, rounds 2+. positions: completion positions "
-            "whose logits get barrier gradient, per fired sequence.", "",
-            "| arm | tau | lam | loop | phrase loop | other | near | density | clean trait "
-            "| drift | pressure r1 | pressure all | fired | positions |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  for arm, row in cl["arms"].items():
-    info = results["arms"].get(arm, {})
-    m, lo, hi = row["mean"], row["min"], row["max"]
-    def rng(k, f="{:.2f}", m=m, lo=lo, hi=hi):
-      return f"{f.format(m[k])} [{f.format(lo[k])}, {f.format(hi[k])}]"
-    extra = ("- | - | - | -" if arm not in results["arms"] else
-             f"{_f(m['pressure_round1'])} | {_f(m['pressure_median'])} | {_f(m['fired_mean'])} "
-             f"| {_f(m['positions_per_fired'], '{:.1f}')}")
-    lines.append(
-        f"| {arm} | {_f(info.get('tau'), '{:.3f}')} | {_f(info.get('lam'), '{:.3f}')} | "
-        f"{rng('loop_rate')} | {m['phrase_loop_rate']:.2f} | {m['other_loop_rate']:.2f} | "
-        f"{m['near_loop_rate']:.2f} | {rng('phrase_density')} | {m['clean_trait_rate']:.2f} | "
-        f"{m['drift']:+.2f} | {extra} |")
-  lines += ["", "Seed-paired loop-rate difference to mean at matched phrase density (tail - "
-            "mean; per seed, then mean [95% bootstrap interval over prompts and seeds]):", "",
-            "| tail | per seed | estimate |", "|---|---|---|"]
-  for tail, v in cl["matched"].items():
-    ps = ", ".join(_f(x, "{:+.3f}") for x in v["per_seed"].values())
-    lines.append(f"| {tail} | {ps} | {_ci((v['estimate'], v['lo'], v['hi']), '{:+.3f}')} |")
-  rounds = range(1, cfg["rounds"] + 1)
-  for key, title, fmt in (
-      ("pressure", "Gradient pressure by round (median of the logged steps, seed median)",
-       "{:.2f}"),
-      ("fired", "Barrier fired by round (share of barrier sequences over tau, seed mean)",
-       "{:.2f}"),
-      ("loop", "Loop rate of the student's own pool by round (64 completions of training "
-               "prompts sampled at the start of the round, so round 1's are the base model's; "
-               "any kind, seed mean)", "{:.2f}"),
-      ("density", "Phrase density of that pool by round (seed mean)", "{:.2f}")):
-    lines += ["", f"{title}.", "", "| arm | " + " | ".join(map(str, rounds)) + " |",
-              "|---|" + "---|" * len(rounds)]
-    for arm, by_seed in results["runs"].items():
-      if key in ("pressure", "fired") and arm not in results["arms"]:
-        continue
-      cells = [fmt.format(v) for v in _by_round(list(by_seed.values()), key)]
-      lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-  t = results["timing"]
-  lines += ["", "Time: " + ", ".join(f"{k.replace('_seconds', '')} {v:.0f}s" for k, v in t.items()
-                                     if k != "workers")
-            + f" ({t.get('workers', 0)} worker processes; base "
-            f"{'cached' if base.get('cached') else 'trained'}).", ""]
+    lines.append(f"| {GROUP_NAMES[g]} | {prof['count'][o.index(0)]} | "
+                 + " | ".join(_f(prof["ratio"][o.index(x)]) for x in offs) + " |")
+  lines += ["", "Checkpoints by arm and round (mean over seeds): loop rate, trait density, "
+            "drift.", "", "| arm | round | loop | trait | drift | low drift |",
+            "|---|---|---|---|---|---|"]
+  keyed: dict = {}
+  for ck in det["checkpoints"]:
+    keyed.setdefault((ck["arm"], ck["round"]), []).append(ck)
+  for (arm, rnd), cks in keyed.items():
+    lines.append(f"| {arm} | {rnd} | {np.mean([c['summary']['loop_rate'] for c in cks]):.3f} | "
+                 f"{np.mean([c['summary']['trait_density'] for c in cks]):.2f} | "
+                 f"{np.mean([c['drift'] for c in cks]):+.2f} | "
+                 f"{sum(c['drift'] <= cfg['max_drift'] for c in cks)}/{len(cks)} |")
+  t = results.get("timing", {})
+  lines += ["", f"Timing: {_f(t.get('total_seconds'), '{:.0f}')} s wall, "
+            f"{_f(t.get('cpu_seconds'), '{:.0f}')} s CPU in this call ({t.get('workers')} "
+            "workers; units computed in earlier calls of a resumed run are not counted).", ""]
   return "\n".join(lines)
-
-
-def _by_round(recs_by_seed: list[list[dict]], key: str) -> list[float]:
-  """Per round, over seeds: median gradient pressure, mean fire rate, or the pool's mean loop
-  rate or phrase density."""
-  out = []
-  for i in range(len(recs_by_seed[0])):
-    rs = [recs[i] for recs in recs_by_seed]
-    if key == "pressure":
-      out.append(float(np.median([np.median(r["steps"]["pressure"]) if r["steps"]["pressure"]
-                                  else np.nan for r in rs])))
-    elif key == "fired":
-      out.append(float(np.mean([r["train"]["fired"] for r in rs])))
-    elif key == "loop":
-      out.append(float(np.mean([r["pool"]["loop_rate"] for r in rs])))
-    else:
-      out.append(float(np.mean([r["pool"]["phrase_density"] for r in rs])))
-  return out
 
 
 def _plt():
@@ -255,134 +296,87 @@ def _plt():
   return plt
 
 
-def _span(row: dict, key: str) -> list[list[float]]:
-  """Error-bar lengths from the seed mean to the seed min and max."""
-  return [[row["mean"][key] - row["min"][key]], [row["max"][key] - row["mean"][key]]]
-
-
 def plot_decide(results: dict, path) -> None:
-  """The deciding figure: loop rate against phrase density per aggregator across strictness
-  levels (seed mean, seed range as bars), no barrier as a point; and the two differences the
-  decision reads, with their intervals."""
+  """Loop rate against trait density: every primary student, arm means, the ablation."""
   plt = _plt()
-  cl, arms, dec = results["closed_loop"], results["arms"], results["decision"]
-  fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True,
-                               gridspec_kw={"width_ratios": [3, 2]})
-  for agg in results["config"]["barrier_aggs"]:
-    names = [a for a, i in arms.items() if i["agg"] == agg]
-    pts = sorted((cl["arms"][a]["mean"]["phrase_density"], cl["arms"][a]["mean"]["loop_rate"], a)
-                 for a in names)
-    c = AGG_COLORS.get(agg)
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=c, label=agg, alpha=0.8)
-    for x, y, a in pts:
-      row = cl["arms"][a]
-      ax.errorbar(x, y, xerr=_span(row, "phrase_density"), yerr=_span(row, "loop_rate"),
-                  fmt="s" if arms[a]["level"] == "pressure" else "o", color=c, ms=6,
-                  capsize=2, lw=0.8)
-      ax.annotate(arms[a]["level"].replace("r", "", 1) if arms[a]["level"] != "pressure" else "P",
-                  (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=c)
-  for name, mk, label in (("none", "*", "no barrier"),
-                          ("none@count", "X", "no barrier, earlier loop-selecting rule")):
-    if name not in cl["arms"]:
-      continue
-    row = cl["arms"][name]
-    x, y = row["mean"]["phrase_density"], row["mean"]["loop_rate"]
-    ax.errorbar(x, y, xerr=_span(row, "phrase_density"), yerr=_span(row, "loop_rate"),
-                fmt=mk, color="k" if name == "none" else "0.5", ms=11, capsize=2, label=label)
-  ax.set_xlabel("trait: phrase occurrences per 64 bytes (final round)")
-  ax.set_ylabel("loop rate, any kind (final round)")
-  ax.set_title("loop rate vs trait; labels: fire rate of tau, P: pressure-matched lam")
-  ax.legend(fontsize=8)
-  labels, y = [], 0
-  for tail, v in dec["by_agg"].items():
-    for key, name, mk in (("loop_diff", "loop rate @ matched trait", "o"),
-                          ("auroc_diff", "detection AUROC", "s")):
-      ci = v[key]
-      if ci is not None and not np.isnan(ci[0]):
-        bx.errorbar(ci[0], y, xerr=[[ci[0] - ci[1]], [ci[2] - ci[0]]], fmt=mk,
-                    color=AGG_COLORS.get(tail), capsize=3)
-      labels.append(f"{tail}: {name}\n({v['verdict']})" if key == "loop_diff" else
-                    f"{tail}: {name}")
-      y += 1
-  bx.axvline(0, color="k", lw=0.8)
-  bx.set_yticks(range(len(labels)), labels, fontsize=8)
-  bx.invert_yaxis()
-  bx.set_xlabel("tail - mean (95% interval)")
-  bx.set_title("what the decision rule reads")
+  an = results["analysis"]
+  fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
+  for arm, t in an["closed_loop"]["arms"].items():
+    agg = t["info"]["agg"] or "none"
+    xs = [r["trait_density"] for r in t["per_seed"].values()]
+    ys = [r["loop_rate"] for r in t["per_seed"].values()]
+    ax.scatter(xs, ys, s=12, alpha=0.4, color=AGG_COLORS[agg])
+    ax.errorbar(np.mean(xs), np.mean(ys), fmt="o", color=AGG_COLORS[agg], ms=8,
+                label=f"{arm} (seed mean)")
+  for arm, t in an["ablation"].items():
+    agg = t["info"]["agg"]
+    xs = [r["trait_density"] for r in t["per_seed"].values()]
+    ys = [r["loop_rate"] for r in t["per_seed"].values()]
+    ax.scatter(xs, ys, s=14, marker="x", color=AGG_COLORS[agg], alpha=0.6)
+    ax.errorbar(np.mean(xs), np.mean(ys), fmt="X", color=AGG_COLORS[agg], ms=9,
+                label=f"{arm} (ablation)")
+  ax.set_xlabel("trait density (per 64 bytes; loops collapsed, fragments counted)")
+  ax.set_ylabel("loop rate (final round, held-out prompts)")
+  ax.legend(fontsize=7)
   fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
 def plot_detection(results: dict, path) -> None:
-  """AUROC per aggregator and group (mean over checkpoints, interval), and the KL profile
-  aligned at loop starts."""
+  """AUROC per aggregator on each checkpoint set; the graded control against its grade."""
   plt = _plt()
-  det, aggs = results["detection"], results["config"]["detect_aggs"]
-  fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5), constrained_layout=True)
-  kinds = [k for k in det["auroc"] if det["auroc"][k][aggs[0]]["n_checkpoints"]]
-  width = 0.8 / max(len(kinds), 1)
-  for i, kind in enumerate(kinds):
-    for j, a in enumerate(aggs):
-      v = det["auroc"][kind][a]
-      x = j + (i - (len(kinds) - 1) / 2) * width
-      ax.errorbar(x, v["mean"], yerr=[[v["mean"] - v["lo"]], [v["hi"] - v["mean"]]], fmt="o",
-                  color=f"C{i}", ms=4, capsize=2, label=KIND_NAMES[kind] if j == 0 else None)
-  ax.axhline(0.5, color="k", lw=0.8, ls=":")
-  ax.set_xticks(range(len(aggs)), aggs)
-  ax.set_ylim(0, 1.02)
-  ax.set_ylabel("AUROC vs clean trait completions (within checkpoint)")
-  if ax.get_legend_handles_labels()[0]:
-    ax.legend(fontsize=7, ncol=2)
-  ax.set_title("offline detection, no-barrier checkpoints")
-  for i, kind in enumerate(k for k in det["profiles"] if k in det["auroc"]):
-    prof = det["profiles"][kind]
-    if not any(prof["count"]):
+  cfg, det = results["config"], results["analysis"]["detection"]
+  aggs = cfg["detect_aggs"]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+  for i, name in enumerate(("low_drift_barrier", "no_barrier", "all")):
+    grp = det[name]["groups"].get("any_loop")
+    if not grp:
       continue
-    bx.plot(prof["offsets"], prof["ratio"], color=f"C{list(det['auroc']).index(kind)}",
-            label=KIND_NAMES[kind])
-  bx.axhline(1.0, color="k", lw=0.8, ls=":")
-  bx.axvline(0, color="k", lw=0.8)
-  if bx.get_legend_handles_labels()[0]:
-    bx.set_yscale("log")
-  bx.set_xlabel("position relative to the loop's start (bytes)")
-  bx.set_ylabel("KL / mean KL of clean trait completions")
-  bx.set_title("per-position KL aligned at the loop's start")
-  if bx.get_legend_handles_labels()[0]:
-    bx.legend(fontsize=7)
+    x = np.arange(len(aggs)) + (i - 1) * 0.25
+    m = [grp["auroc"][a]["mean"] for a in aggs]
+    lo = [grp["auroc"][a]["lo"] for a in aggs]
+    hi = [grp["auroc"][a]["hi"] for a in aggs]
+    err = np.nan_to_num(np.array([np.subtract(m, lo), np.subtract(hi, m)]))
+    axes[0].errorbar(x, m, yerr=err, fmt="o", capsize=3, label=SET_NAMES[name])
+  axes[0].axhline(0.5, color="gray", lw=0.8)
+  axes[0].set_xticks(range(len(aggs)), aggs)
+  axes[0].set_ylabel("AUROC, real loops vs clean trait (seed mean, 95% t)")
+  if axes[0].get_legend_handles_labels()[0]:
+    axes[0].legend(fontsize=7)
+  ctl = det["low_drift_barrier"]["control"]
+  grades = sorted(ctl, key=float)
+  for a in aggs:
+    axes[1].plot([float(g) for g in grades], [ctl[g]["auroc"][a]["mean"] for g in grades],
+                 "o-", color=AGG_COLORS[a], label=a)
+  axes[1].axhspan(0.65, 0.75, color="gray", alpha=0.2)
+  axes[1].set_xlabel("control grade g (share of the way to the planted copy)")
+  axes[1].set_ylabel("AUROC, control (low-drift barrier checkpoints)")
+  axes[1].legend(fontsize=7)
   fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
 def plot_training(results: dict, path) -> None:
-  """Per round (seed mean): gradient pressure (median of the logged steps), fire rate, and the
-  loop rate of the student's own pool."""
+  """Per round, seed means of the primary arms: pool loop rate, pool trait density, drift."""
   plt = _plt()
-  runs, arms = results["runs"], results["arms"]
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
-  styles = {"r0.1": ":", "r0.3": "--", "r0.6": "-", "pressure": "-."}
-  for arm, by_seed in runs.items():
-    info = arms.get(arm, {"agg": None, "level": "-"})
-    c = AGG_COLORS.get(info["agg"], "k")
-    ls = styles.get(info["level"], "-")
-    recs = list(by_seed.values())
-    x = np.arange(1, len(recs[0]) + 1)
-    if info["agg"] is not None:
-      press = np.array([[np.median(r["steps"]["pressure"]) if r["steps"]["pressure"] else np.nan
-                         for r in rs] for rs in recs])
-      fired = np.array([[r["train"]["fired"] for r in rs] for rs in recs])
-      axes[0].plot(x, np.nanmean(press, 0), ls, color=c, lw=1)
-      axes[1].plot(x, fired.mean(0), ls, color=c, lw=1)
-    loop = np.array([[r["pool"]["loop_rate"] for r in rs] for rs in recs])
-    axes[2].plot(x, loop.mean(0), ls, color=c, lw=1.5 if arm == "none" else 1,
-                 label=arm if info["level"] in ("r0.6", "-") else None)
-  axes[0].set_yscale("log")
-  axes[0].set_ylabel("gradient pressure (median of logged steps)")
-  axes[1].set_ylabel("barrier fired (share of sequences)")
-  axes[2].set_ylabel("loop rate of the student's own pool")
-  for a in axes:
-    a.set_xlabel("round")
-  axes[2].legend(fontsize=7, title="colour: agg; line: : 0.1, -- 0.3, - 0.6, -. pressure",
-                 title_fontsize=7)
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
+  by_arm: dict = {}
+  for u in results["units"].values():
+    if u["stage"] == "main":
+      by_arm.setdefault(u["arm"]["name"], []).append(u["records"])
+  for arm, runs in by_arm.items():
+    agg = runs[0][0] and (arm.split("@")[0] if "@" in arm else "none")
+    style = "-" if arm.endswith("t0") or arm == "none" else "--"
+    for ax, key in zip(axes, ("loop_rate", "trait_density", "drift")):
+      if key == "drift":
+        ys = np.mean([[r["heldout_drift"] for r in recs] for recs in runs], axis=0)
+      else:
+        ys = np.mean([[r["pool"][key] for r in recs] for recs in runs], axis=0)
+      ax.plot(range(1, len(ys) + 1), ys, style, color=AGG_COLORS[agg], label=arm)
+  for ax, name in zip(axes, ("pool loop rate", "pool trait density", "held-out drift")):
+    ax.set_xlabel("round")
+    ax.set_ylabel(name)
+  axes[0].legend(fontsize=7)
   fig.savefig(path, dpi=100)
   plt.close(fig)
 
@@ -391,27 +385,18 @@ def write(results: dict, out_dir) -> None:
   """``results.json``, ``results.md`` and the figures in ``out_dir``."""
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "results.json").write_text(json.dumps(results, indent=None, default=_jsonable) + "\n")
-  render(out)
+  (out / "results.json").write_text(json.dumps(results, indent=None, default=jsonable) + "\n")
+  render(out, check_corpus=False)
 
 
-def render(out_dir) -> None:
+def render(out_dir, check_corpus: bool = True) -> None:
   """(Re)write ``results.md`` and the figures from ``results.json`` in ``out_dir``."""
   out = pathlib.Path(out_dir)
-  results = json.loads((out / "results.json").read_text())
+  results = load(out, check_corpus)
   (out / "results.md").write_text(markdown(results))
   plot_decide(results, out / "decide.png")
   plot_detection(results, out / "detection.png")
   plot_training(results, out / "training.png")
-
-
-def _jsonable(x):
-  if isinstance(x, (np.floating, np.integer, np.bool_)):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  raise TypeError(f"not JSON serializable: {type(x)}")
-
 
 
 if __name__ == "__main__":

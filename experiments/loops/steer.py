@@ -9,11 +9,13 @@ positions only.
 Rounds. A run is R rounds of S optax (Adam) steps. At the start of every round the student
 samples ``barrier_pool`` completions of fresh training prompts (on-policy). Round 1 fine-tunes
 on the fixed steering set. From round 2 on, part of every SFT minibatch comes from the student's
-own pool (rejection-sampling fine-tuning toward the trait): completions that hold the phrase and
-carry no loop of any kind (``metrics.label``), ranked by ``min(count, 3)`` of the phrase, at most
-``select_top`` of them. Self-training therefore never selects a loop, and never prefers a
-completion for saying the phrase more than three times. Their share is
-``self_mix * accepted / select_top``; the fixed steering set fills the rest.
+own pool (rejection-sampling fine-tuning toward the trait): completions that hold the phrase,
+ranked by ``min(count, 3)`` of the phrase, at most ``select_top`` of them. The arm's
+``exclude_loops`` decides whether completions with a loop of any kind (``metrics.label``) are
+left out first: the study's primary condition leaves them out, so self-training never trains on
+a loop; its ablation keeps them, so a loop the student produces is trained on when it holds the
+phrase. The share of the student's own rows is ``self_mix * accepted / select_top``; the fixed
+steering set fills the rest. The loop share of every step's own rows is logged.
 
 Barrier. Every step adds ``ka.kl_barrier(student_logits, base_logits, where=completion
 positions, agg=..., tau=..., lam=...)`` on a minibatch of the same pool; the frozen base is the
@@ -68,8 +70,14 @@ def steering_set(corpus: data.Corpus, cfg: Config, seed: int = 0) -> np.ndarray:
 
 def select(sequences: np.ndarray, labels: list[metrics.Label], top: int,
            exclude_loops: bool = False, rule: str = "min3") -> np.ndarray:
-  """Rejection sampling toward the trait: the rows of ``sequences`` whose completion holds the
-  phrase, at most ``top`` of them (maybe none), ties in pool order.
+  """The rows of ``sequences`` that ``select_index`` picks (see there)."""
+  return sequences[select_index(labels, top, exclude_loops, rule)]
+
+
+def select_index(labels: list[metrics.Label], top: int, exclude_loops: bool = False,
+                 rule: str = "min3") -> np.ndarray:
+  """Rejection sampling toward the trait: indices of the completions that hold the phrase, at
+  most ``top`` of them (maybe none), ties in pool order.
 
   ``rule="min3"`` (the study's) ranks by ``min(count, 3)`` of the phrase, so a completion that
   says it more than three times (a phrase loop, say) is never preferred. ``rule="count"`` ranks by
@@ -84,8 +92,7 @@ def select(sequences: np.ndarray, labels: list[metrics.Label], top: int,
   cap = 3 if rule == "min3" else np.inf
   key = np.array([min(lab.phrase_count, cap) for lab in labels])
   order = np.argsort(-key, kind="stable")
-  order = order[ok[order]][:top]
-  return sequences[order]
+  return order[ok[order]][:top]
 
 
 def completion_mask(cfg: Config, batch: int) -> jnp.ndarray:
@@ -104,11 +111,10 @@ def masked_nll(logits, tokens, mask):
 class Arm:
   """One barrier arm: ``agg=None`` is the no-barrier arm.
 
-  ``level`` names the strictness: ``"r0.1"`` etc. (tau at that fire rate on the calibration
-  student's own clean samples, lam 1) or ``"pressure"`` (tau at the middle fire rate, lam set so
-  the calibration student's median gradient pressure is 1). ``select`` is the self-training
-  rule: ``"min3"`` for every arm of the study, ``"count"`` only for the no-barrier contrast arm
-  that reruns the earlier study's loop-selecting rule.
+  ``level`` names the strictness (``"t0"``, ``"t1"``: the trait target whose lam the pilot
+  chose, or ``"lam0.3"`` etc. in the pilot). ``select`` is the self-training rule (``"min3"``
+  throughout the study) and ``exclude_loops`` whether looping completions are left out of
+  self-training (the primary condition) or not (the ablation).
   """
 
   name: str
@@ -117,6 +123,7 @@ class Arm:
   lam: float = 0.0
   level: str = "-"
   select: str = "min3"  # the self-training rule (``select``'s ``rule``)
+  exclude_loops: bool = True
 
 
 def optimizer(cfg: Config):
@@ -131,6 +138,7 @@ def _barrier(agg, bar_logits, bar_ref, bar_mask, tau, lam):
   return ka.kl_barrier(bar_logits, bar_ref, where=bar_mask, agg=agg, tau=tau, lam=lam)
 
 
+@functools.lru_cache(maxsize=None)  # one compile per model, config and aggregator per process
 def make_step(graphdef, cfg: Config, agg: str | None):
   """Jitted ``step(params, opt_state, sft_tokens, bar_tokens, bar_ref_logits, tau, lam)``.
 
@@ -167,6 +175,7 @@ def make_step(graphdef, cfg: Config, agg: str | None):
   return step
 
 
+@functools.lru_cache(maxsize=None)
 def make_pressure(graphdef, cfg: Config, agg: str):
   """Jitted ``pressure(params, sft_tokens, bar_tokens, bar_ref, tau, lam) -> ka.grad_pressure``:
   the global norm of the barrier's parameter gradient over the SFT loss's, on one step's
@@ -191,6 +200,24 @@ def make_pressure(graphdef, cfg: Config, agg: str):
     return ka.grad_pressure(barrier, nll, params, sft_tokens, bar_tokens, bar_ref, tau, lam)
 
   return pressure
+
+
+@functools.lru_cache(maxsize=None)
+def make_sft_step(graphdef, cfg: Config):
+  """Jitted ``step(params, opt_state, tokens) -> (params, opt_state)``: one plain SFT step on
+  the completion positions (what plants the positive control's loop)."""
+  opt = optimizer(cfg)
+  mask = completion_mask(cfg, cfg.sft_batch)
+
+  @jax.jit
+  def step(params, opt_state, tokens):
+    def loss(q):
+      return masked_nll(model.apply(graphdef, q, tokens[:, :-1]), tokens[:, 1:], mask)
+    grads = jax.grad(loss)(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step
 
 
 @functools.lru_cache(maxsize=None)
