@@ -1,5 +1,6 @@
 """kl_per_position against float64 numpy, its gradients, its conventions and its errors."""
 
+import dataclasses
 import functools
 
 import jax
@@ -419,3 +420,73 @@ def test_default_implementation_is_the_chunked_kernel(rng):
   assert "custom_vjp_call" in str(jax.make_jaxpr(lambda x: ka.kl_per_position(x, b))(a))
   assert "custom_vjp_call" not in str(jax.make_jaxpr(
       lambda x: ka.kl_per_position(x, b, implementation="xla"))(a))
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole-array KL (many rows on a CPU): enabled here from one row up, so small shapes take it.
+
+
+@pytest.fixture
+def whole_path(monkeypatch):
+  from klagg_jax import _config
+  monkeypatch.setitem(_config.PLATFORMS, "cpu",
+                      dataclasses.replace(_config.CPU, whole_min_rows=1))
+  jax.clear_caches()  # traces made under the default config must not be reused
+  yield
+  jax.clear_caches()
+
+
+def _takes_whole_path(f, *args):
+  return "cond" in str(jax.make_jaxpr(f)(*args))
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+@pytest.mark.parametrize("poison", [None, "banned", "masked_nan", "valid_nan"])
+def test_whole_array_kl_matches_float64_and_falls_back_where_conventions_decide(
+    whole_path, rng, direction, poison):
+  a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
+  mask = rng.random(SHAPE[:-1]) > 0.3
+  mask[0, 0] = True
+  a[~mask] = rng.normal(size=a[~mask].shape) * 50  # finite garbage: masked by the weight alone
+  if poison == "banned":
+    a[..., 3], b[..., 3] = -np.inf, -np.inf
+  elif poison == "masked_nan":
+    a[~mask] = np.nan
+  elif poison == "valid_nan":
+    a[0, 0, 2] = np.nan
+  w = rng.standard_normal(SHAPE[:-1]).astype(np.float32)
+  f = lambda x, y: (w * ka.kl_per_position(x, y, direction=direction, where=mask,
+                                           temperature=0.9)).sum()
+  assert _takes_whole_path(f, a, b)
+  value, grads = jax.value_and_grad(f, (0, 1))(a, b)
+  grad_only = jax.grad(f, (0, 1))(a, b)
+  if poison == "valid_nan":
+    assert np.isnan(value)
+    assert np.isnan(grads[0][0, 0]).all() and np.isfinite(np.asarray(grads[0])[1:]).all()
+    return
+  with x64():
+    clean = [np.float64(np.where(mask[..., None], x, 0.0)) for x in (a, b)]
+    g = lambda x, y: (w * jnp.where(mask, plain64(x / 0.9, y / 0.9, direction), 0.0)).sum()
+    want, want_grads = jax.value_and_grad(g, (0, 1))(*clean)
+  np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5)
+  for got, again, exp in zip(grads, grad_only, want_grads):
+    np.testing.assert_array_equal(got, again)
+    np.testing.assert_array_equal(np.asarray(got)[~mask], 0.0)
+    np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_whole_array_kl_keeps_exact_zeros_and_low_precision(whole_path, rng, direction):
+  a = jnp.asarray(rng.normal(size=(4, 9)) * 5, jnp.float32)
+  f = lambda x, y: ka.kl_per_position(x, y, direction=direction).sum()
+  assert _takes_whole_path(f, a, a)
+  value, grads = jax.value_and_grad(f, (0, 1))(a, a)
+  assert value == 0.0 and all((g == 0).all() for g in grads)
+  assert (ka.kl_per_position(a * 6.0, a * 6.0 + 3.0, direction=direction) >= 0).all()
+  lo, ref_lo = (jnp.asarray(random_logits(rng, (6, 33)), jnp.bfloat16) for _ in range(2))
+  got = ka.kl_per_position(lo, ref_lo, direction=direction)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, ref.kl_per_position(to_f64(lo), to_f64(ref_lo), direction),
+                             rtol=1e-5, atol=1e-6)
+  ga = jax.grad(lambda x: ka.kl_per_position(x, ref_lo, direction=direction).sum())(lo)
+  assert ga.dtype == jnp.bfloat16
