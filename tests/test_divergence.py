@@ -440,8 +440,9 @@ def _takes_whole_path(f, *args):
   return "cond" in str(jax.make_jaxpr(f)(*args))
 
 
-@pytest.mark.parametrize("direction", ["reverse", "forward"])
-@pytest.mark.parametrize("poison", [None, "banned", "masked_nan", "valid_nan"])
+@pytest.mark.parametrize("direction, poison", [
+    ("reverse", None), ("forward", None), ("forward", "banned"), ("reverse", "masked_nan"),
+    ("forward", "valid_nan")])
 def test_whole_array_kl_matches_float64_and_falls_back_where_conventions_decide(
     whole_path, rng, direction, poison):
   a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
