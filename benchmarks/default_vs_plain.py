@@ -19,9 +19,9 @@ import argparse
 import datetime
 import json
 import os
+import pathlib
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import klagg_jax as ka
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _harness  # noqa: E402  (benchmarks/ is a folder of scripts)
 
 HERE = Path(__file__).resolve().parent
 GRID = ((32768, 4096), (8192, 8192), (2048, 32768), (512, 131072))
@@ -90,14 +93,6 @@ def measure(n: int, v: int, repeats: int) -> dict:
   return out
 
 
-def _git(*args: str) -> str:
-  try:
-    return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,
-                          check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--repeats", type=int, default=7)
@@ -106,13 +101,12 @@ def main() -> None:
   parser.add_argument("--out", default=None, help="result file stem (default: dated)")
   args = parser.parse_args()
   shapes = [tuple(int(t) for t in s.split("x")) for s in args.shapes.split(",")]
+  env = _harness.environment(None)
   header = {
-      "klagg_jax": ka.__version__, "commit": _git("rev-parse", "HEAD"),
-      "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+      "klagg_jax": env["klagg_jax"], "commit": env["git_commit"],
       "jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
       "platform": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+      "date": env["date"], "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
       "repeats": args.repeats, "load_before": list(os.getloadavg()),
   }
   results = []
@@ -122,7 +116,7 @@ def main() -> None:
   header["load_after"] = list(os.getloadavg())
   stem = args.out or f"default-vs-plain-{jax.default_backend()}-{datetime.date.today()}"
   out_dir = HERE / "results"
-  (out_dir / f"{stem}.json").write_text(json.dumps({"header": header, "results": results},
+  (out_dir / f"{stem}.json").write_text(json.dumps({"env": env, "header": header, "results": results},
                                                    indent=1) + "\n")
   (out_dir / f"{stem}.md").write_text(_markdown(header, results))
   print(f"wrote {out_dir / stem}.{{json,md}}")
@@ -140,8 +134,7 @@ def _row_lines(res: dict) -> str:
 def _markdown(header: dict, results: list) -> str:
   lines = [
       "# Default divergence kernel vs plain jax.numpy (float32 reverse KL)", "",
-      f"klagg_jax {header['klagg_jax']} at {header['commit'][:12]}"
-      f"{' (uncommitted changes)' if header['dirty'] else ''}, jax {header['jax']}, "
+      f"klagg_jax {header['klagg_jax']} (commit {header['commit']}), jax {header['jax']}, "
       f"{header['device']} ({header['platform']}, {header['cpus']} CPUs), {header['date']}.",
       f"Load average before {header['load_before'][0]:.2f}, after {header['load_after'][0]:.2f}"
       " (a shared machine: ratios from one interleaved run are what compare).", "",
