@@ -18,7 +18,10 @@ import os
 # The suite is compile-bound (hundreds of small programs, each run a few times): LLVM at -O0
 # compiles XLA:CPU programs about 30 % faster, and nothing here times what it runs. Set before
 # JAX starts its backend; an opt level the caller chose wins.
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+# The study's tests (experiments/loops/tests) compute more than they compile: `make test` runs
+# them in a pytest of their own with KLAGG_TEST_XLA_OPT=default, which keeps XLA's default level.
+if ("--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")
+    and os.environ.get("KLAGG_TEST_XLA_OPT") != "default"):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_backend_optimization_level=0").strip()
 
