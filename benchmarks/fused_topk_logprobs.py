@@ -1,7 +1,7 @@
 """The teacher's pass from hidden states: `fused_linear_topk_logprobs` against the materialized path.
 
     python benchmarks/fused_topk_logprobs.py [--shapes 4096x256x8192,8192x4096x128256] [--k 32]
-        [--dtype float32] [--time] [--json out.json]
+        [--dtype float32] [--time] [--out benchmarks/results/STEM]   # writes STEM.json, STEM.md
 
 Each shape is ``NxDxV``. Per shape, two rows:
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,15 +31,8 @@ import numpy as np
 
 import klagg_jax as ka
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def commit() -> str | None:
-  try:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                          text=True, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return None
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness  # noqa: E402  (benchmarks/ is a folder of scripts)
 
 
 def functions(k: int):
@@ -84,7 +77,7 @@ def main(argv=None) -> None:
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--time", action="store_true", help="also run and time each function")
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--json", help="write the rows and the environment here")
+  parser.add_argument("--out", help="write the rows and the environment to OUT.json and OUT.md")
   args = parser.parse_args(argv)
   dtype = jnp.dtype(args.dtype)
   rows = []
@@ -97,16 +90,23 @@ def main(argv=None) -> None:
       print(f"N={n} D={d} V={v} k={args.k} {r['dtype']}: {name}: temp "
             f"{r['temp_bytes'] / 2**20:.1f} MiB = {r['temp_vs_logits']:.3f} x one [N, V] "
             f"float32 array{timing}", flush=True)
-  dev = jax.devices()[0]
-  result = {"klagg_jax": ka.__version__, "commit": commit(), "jax": jax.__version__,
-            "platform": dev.platform, "device_kind": dev.device_kind,
-            "command": "python benchmarks/fused_topk_logprobs.py " + " ".join(argv or []),
-            "rows": rows}
-  if args.json:
-    Path(args.json).write_text(json.dumps(result, indent=1))
+  env = _harness.environment(None)
+  env["command"] = "python benchmarks/fused_topk_logprobs.py " + " ".join(argv or [])
+  if args.out:
+    Path(args.out + ".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+    Path(args.out + ".md").write_text(_markdown(env, rows))
 
+
+def _markdown(env: dict, rows: list) -> str:
+  lines = ["# The teacher's pass: compiled temp of `fused_linear_topk_logprobs`", "",
+           f"klagg_jax {env['klagg_jax']} (commit {env['git_commit']}), jax {env['jax']}, "
+           f"{env['device_kind']}, {env['date']}. Command: `{env['command']}`.", "",
+           "| function | N | D | V | k | dtype | temp MiB | temp / one [N, V] float32 |",
+           "|---|---:|---:|---:|---:|---|---:|---:|"]
+  for r in rows:
+    lines.append(f"| {r['function']} | {r['n']} | {r['d']} | {r['v']} | {r['k']} | {r['dtype']} "
+                 f"| {r['temp_bytes'] / 2**20:.1f} | {r['temp_vs_logits']} |")
+  return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
-  import sys
-
   main(sys.argv[1:])

@@ -41,7 +41,7 @@ ROW, ROWS = 64, 8  # packed rows of 64 tokens
 PROMPT = 6  # each sequence: a prompt of 6 tokens, then a completion that counts up from it
 MAX_SEGMENTS = 4  # at most this many sequences per row (a static bound, as jit needs)
 TAU, LAM, AGG = 0.5, 4.0, "rmse"
-STEPS = int(os.environ.get("KLAGG_EXAMPLE_STEPS", "30"))
+STEPS = int(os.environ.get("KLAGG_EXAMPLE_STEPS", "24"))
 
 
 class RMSNorm(nnx.Module):
