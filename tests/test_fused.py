@@ -7,7 +7,7 @@ import pytest
 
 import klagg_jax as ka
 from klagg_jax._ops.fused.api import IMPLEMENTATIONS
-from tests.helpers import FORWARD_MODE, plain64, to_f64, x64
+from tests.helpers import FORWARD_MODE, impl_cases, plain64, to_f64, x64
 
 IMPLS = sorted(IMPLEMENTATIONS)
 
@@ -26,25 +26,20 @@ def problem(rng):
               mask=rng.random(N) > 0.25, weights=f(N))
 
 
-def materialized(p, layout, direction, **kw):
-  w = p["w"] if layout == "dv" else p["w"].T
-  return lambda h, w_, b: (p["weights"] * ka.kl_per_position(
-      h @ (w_ if layout == "dv" else w_.T) + b[None], p["rh"] @ p["rw"] + p["rb"][None],
-      where=p["mask"], direction=direction, **kw)).sum(), w
-
-
 @pytest.mark.parametrize("direction", ["reverse", "forward", "js"])
 @pytest.mark.parametrize("layout", ["dv", "vd"])
-@pytest.mark.parametrize("chunk_size", [None, 1, 4])
-def test_fused_equals_materialized(problem, direction, layout, chunk_size):
+@pytest.mark.parametrize("impl, chunk_size", impl_cases(IMPLS, 1, 4))
+def test_fused_matches_float64(problem, direction, layout, impl, chunk_size):
   p = problem
-  want_fn, w = materialized(p, layout, direction, temperature=0.8)
+  w = p["w"] if layout == "dv" else p["w"].T
   rw = p["rw"] if layout == "dv" else p["rw"].T
   fused = lambda h, w_, b: (p["weights"] * ka.fused_linear_kl(
       h, w_, p["rh"], rw, bias=b, ref_bias=p["rb"], where=p["mask"], direction=direction,
-      temperature=0.8, chunk_size=chunk_size, weight_layout=layout)).sum()
+      temperature=0.8, chunk_size=chunk_size, weight_layout=layout, implementation=impl)).sum()
   got = jax.value_and_grad(fused, (0, 1, 2))(p["h"], w, p["b"])
-  want = jax.value_and_grad(want_fn, (0, 1, 2))(p["h"], w, p["b"])
+  want = vg64(lambda h, w_, b: p["weights"] @ materialized_total(p, layout, direction, "sum",
+                                                                 per_position=True)(h, w_, b),
+              p["h"], w, p["b"])
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   for g, h in zip(got[1], want[1]):
     np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5)
@@ -122,12 +117,14 @@ def test_bad_static_input_raises(problem, call, match):
 # reduction="mean" / "sum": the scalar path whose gradient is formed in the forward pass.
 
 
-def materialized_total(p, layout, direction, reduction, temperature=0.8):
+def materialized_total(p, layout, direction, reduction, temperature=0.8, per_position=False):
   """The float64 truth: the definition on the materialized float64 logits."""
   def loss(h, w_, b):
     z = h @ (w_ if layout == "dv" else w_.T) + b[None]
     zr = jnp.asarray(p["rh"], jnp.float64) @ p["rw"] + p["rb"][None]
     kl = jnp.where(p["mask"], plain64(z / temperature, zr / temperature, direction), 0.0)
+    if per_position:
+      return kl
     return kl.sum() / (p["mask"].sum() if reduction == "mean" else 1.0)
   return loss
 
