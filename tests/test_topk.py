@@ -24,7 +24,8 @@ FUSED_IMPLS = sorted(fused_api.IMPLEMENTATIONS)
 
 # Jitted once per static configuration, so hypothesis examples of one shape share a compilation.
 KL = jax.jit(ka.kl_topk, static_argnames=("direction", "temperature", "beta", "chunk_size"))
-TOPK = jax.jit(ka.topk_logprobs, static_argnums=1, static_argnames=("temperature", "implementation"))
+TOPK = jax.jit(ka.topk_logprobs, static_argnums=1,
+               static_argnames=("temperature", "implementation"))
 FULL = jax.jit(ka.kl_per_position, static_argnames=("direction", "temperature", "beta"))
 
 
