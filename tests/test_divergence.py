@@ -59,7 +59,7 @@ def test_matches_float64_reference(rng, impl, chunk_size, direction):
 def test_js_beta_and_its_endpoints(rng, impl):
   a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
   f = lambda **kw: ka.kl_per_position(a, b, implementation=impl, **kw)
-  for beta in (0.0, 0.1, 0.9, 1.0):
+  for beta in (0.0, 0.1, 1.0):  # 0.9 and 0.5 in the tests of extreme beta
     got = f(direction="js", beta=beta)
     np.testing.assert_allclose(got, ref.kl_per_position(a, b, "js", beta=beta), rtol=1e-5,
                                atol=1e-6)
@@ -107,7 +107,9 @@ def test_check_grads_float64(impl, direction):
     if refused(impl, "float64", lambda: f(a, b)):
       return
     assert f(a, b).dtype == jnp.float64
-    order = 2 if direction == "js" else 1  # second order once: js composes both KLs' terms
+    # Second order once, through a custom VJP's backward pass (js composes both KLs' terms);
+    # a plain composition's second order is JAX's own autodiff.
+    order = 2 if direction == "js" and impl not in FORWARD_MODE else 1
     check_grads(f, (a, b), order=order, modes=["rev"], atol=1e-5, rtol=1e-5)
 
 
