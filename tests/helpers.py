@@ -65,3 +65,25 @@ def cuda_target():
     yield
   finally:
     gpu_info.get_gpu_info = original
+
+
+# What a registered implementation cannot run, per op. Such a call must raise
+# NotImplementedError (so a sequence of implementations falls through to the next); an
+# implementation not listed for a feature must run every case with it. A new implementation is
+# tested by registering it, and listed here only for what it refuses.
+REFUSES = {"divergence": {"pallas": frozenset({"float64", "softcap"})}}
+
+# Implementations with forward-mode AD; the custom-VJP ones raise TypeError naming "xla".
+FORWARD_MODE = frozenset({"xla"})
+
+
+def refuses(op: str, impl: str, feature: str) -> bool:
+  return feature in REFUSES.get(op, {}).get(impl, ())
+
+
+def impl_cases(implementations, *chunk_sizes):
+  """(implementation, chunk_size) pairs: every implementation once with the default blocks, and
+  the row-block loop ("chunked", the one that reads chunk_size) at each extra size too."""
+  names = sorted(implementations)
+  extra = [("chunked", c) for c in chunk_sizes if "chunked" in names]
+  return [(name, None) for name in names] + extra

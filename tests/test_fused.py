@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 import klagg_jax as ka
-from tests.helpers import to_f64
+from klagg_jax._ops.fused.api import IMPLEMENTATIONS
+from tests.helpers import FORWARD_MODE, impl_cases, plain64, to_f64, x64
+
+IMPLS = sorted(IMPLEMENTATIONS)
 
 try:
   from jax.extend.core import jaxprs_in_params
@@ -23,25 +26,20 @@ def problem(rng):
               mask=rng.random(N) > 0.25, weights=f(N))
 
 
-def materialized(p, layout, direction, **kw):
-  w = p["w"] if layout == "dv" else p["w"].T
-  return lambda h, w_, b: (p["weights"] * ka.kl_per_position(
-      h @ (w_ if layout == "dv" else w_.T) + b[None], p["rh"] @ p["rw"] + p["rb"][None],
-      where=p["mask"], direction=direction, **kw)).sum(), w
-
-
 @pytest.mark.parametrize("direction", ["reverse", "forward", "js"])
 @pytest.mark.parametrize("layout", ["dv", "vd"])
-@pytest.mark.parametrize("chunk_size", [None, 1, 4])
-def test_fused_equals_materialized(problem, direction, layout, chunk_size):
+@pytest.mark.parametrize("impl, chunk_size", impl_cases(IMPLS, 4))  # 1-row blocks: below
+def test_fused_matches_float64(problem, direction, layout, impl, chunk_size):
   p = problem
-  want_fn, w = materialized(p, layout, direction, temperature=0.8)
+  w = p["w"] if layout == "dv" else p["w"].T
   rw = p["rw"] if layout == "dv" else p["rw"].T
   fused = lambda h, w_, b: (p["weights"] * ka.fused_linear_kl(
       h, w_, p["rh"], rw, bias=b, ref_bias=p["rb"], where=p["mask"], direction=direction,
-      temperature=0.8, chunk_size=chunk_size, weight_layout=layout)).sum()
+      temperature=0.8, chunk_size=chunk_size, weight_layout=layout, implementation=impl)).sum()
   got = jax.value_and_grad(fused, (0, 1, 2))(p["h"], w, p["b"])
-  want = jax.value_and_grad(want_fn, (0, 1, 2))(p["h"], w, p["b"])
+  want = vg64(lambda h, w_, b: p["weights"] @ materialized_total(p, layout, direction, "sum",
+                                                                 per_position=True)(h, w_, b),
+              p["h"], w, p["b"])
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   for g, h in zip(got[1], want[1]):
     np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5)
@@ -56,33 +54,38 @@ def test_without_bias_and_reference_gets_no_gradient(problem):
   np.testing.assert_array_equal(g_rh, 0.0)
 
 
-def test_masked_positions_ignore_garbage(problem):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_masked_positions_ignore_garbage(problem, impl):
   p = problem
   h = p["h"].copy()
   h[~p["mask"]] = np.nan
   value, (g, g_w) = jax.value_and_grad(
-      lambda x, w: ka.fused_linear_kl(x, w, p["rh"], p["rw"], where=p["mask"],
-                                      chunk_size=3).sum(), (0, 1))(h, p["w"])
+      lambda x, w: ka.fused_linear_kl(x, w, p["rh"], p["rw"], where=p["mask"], chunk_size=3,
+                                      implementation=impl).sum(), (0, 1))(h, p["w"])
   assert np.isfinite(value) and np.isfinite(g).all() and np.isfinite(g_w).all()
   np.testing.assert_array_equal(np.asarray(g)[~p["mask"]], 0.0)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_low_precision_computes_in_float32(problem, dtype):
+def test_low_precision_computes_in_float32(problem, impl, dtype):
   p = problem
   h, w = jnp.asarray(p["h"], dtype), jnp.asarray(p["w"], dtype)
-  got = ka.fused_linear_kl(h, w, h, w * 0.5)
+  got = ka.fused_linear_kl(h, w, h, w * 0.5, implementation=impl)
   assert got.dtype == jnp.float32
-  want = ka.kl_per_position(to_f64(h) @ to_f64(w), to_f64(h) @ (to_f64(w) * 0.5))
+  with x64():  # the float64 truth of the rounded inputs
+    want = plain64(to_f64(h) @ to_f64(w), to_f64(h) @ (to_f64(w) * 0.5), "reverse")
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-  g = jax.grad(lambda x: ka.fused_linear_kl(x, w, h, w * 0.5).sum())(h)
+  g = jax.grad(lambda x: ka.fused_linear_kl(x, w, h, w * 0.5, implementation=impl).sum())(h)
   assert g.dtype == h.dtype and np.isfinite(to_f64(g)).all()
 
 
-def test_identical_student_and_reference_give_exact_zero(problem):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_identical_student_and_reference_give_exact_zero(problem, impl):
   p = problem
   value, grads = jax.value_and_grad(
-      lambda h, w: ka.fused_linear_kl(h, w, p["h"], p["w"]).sum(), (0, 1))(p["h"], p["w"])
+      lambda h, w: ka.fused_linear_kl(h, w, p["h"], p["w"], implementation=impl).sum(),
+      (0, 1))(p["h"], p["w"])
   assert value == 0.0
   for g in grads:
     np.testing.assert_array_equal(g, 0.0)
@@ -119,13 +122,22 @@ def test_bad_static_input_raises(problem, call, match):
 # reduction="mean" / "sum": the scalar path whose gradient is formed in the forward pass.
 
 
-def materialized_total(p, layout, direction, reduction, temperature=0.8):
+def materialized_total(p, layout, direction, reduction, temperature=0.8, per_position=False):
+  """The float64 truth: the definition on the materialized float64 logits."""
   def loss(h, w_, b):
     z = h @ (w_ if layout == "dv" else w_.T) + b[None]
-    kl = ka.kl_per_position(z, p["rh"] @ p["rw"] + p["rb"][None], where=p["mask"],
-                            direction=direction, temperature=temperature, implementation="xla")
+    zr = jnp.asarray(p["rh"], jnp.float64) @ p["rw"] + p["rb"][None]
+    kl = jnp.where(p["mask"], plain64(z / temperature, zr / temperature, direction), 0.0)
+    if per_position:
+      return kl
     return kl.sum() / (p["mask"].sum() if reduction == "mean" else 1.0)
   return loss
+
+
+def vg64(f, *args):
+  with x64():
+    value, grads = jax.value_and_grad(f, tuple(range(len(args))))(*(np.float64(x) for x in args))
+    return np.asarray(value), [np.asarray(g) for g in grads]
 
 
 @pytest.mark.parametrize("direction", ["reverse", "forward", "js"])
@@ -139,8 +151,7 @@ def test_reduced_equals_materialized(problem, direction, layout, reduction, chun
       h, w_, p["rh"], rw, bias=b, ref_bias=p["rb"], where=p["mask"], direction=direction,
       temperature=0.8, chunk_size=chunk_size, weight_layout=layout, reduction=reduction)
   got = jax.value_and_grad(fused, (0, 1, 2))(p["h"], w, p["b"])
-  want = jax.value_and_grad(materialized_total(p, layout, direction, reduction),
-                            (0, 1, 2))(p["h"], w, p["b"])
+  want = vg64(materialized_total(p, layout, direction, reduction), p["h"], w, p["b"])
   assert got[0].shape == () and got[0].dtype == jnp.float32
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   for g, h in zip(got[1], want[1]):
@@ -179,9 +190,8 @@ def test_reduced_low_precision_with_accum_dtype(problem):
   p = problem
   h, w = jnp.asarray(p["h"], jnp.bfloat16), jnp.asarray(p["w"], jnp.bfloat16)
   h32, w32 = h.astype(jnp.float32), w.astype(jnp.float32)  # exact copies of the bf16 values
-  with jax.default_matmul_precision("highest"):
-    want = jax.value_and_grad(lambda h, w: ka.kl_per_position(
-        h @ w, h32 @ (w32 * 0.5), implementation="xla").mean(), (0, 1))(h32, w32)
+  ref_logits = to_f64(h32) @ (to_f64(w32) * 0.5)  # the reference gets no gradient
+  want = vg64(lambda h, w: plain64(h @ w, ref_logits, "reverse").mean(), h32, w32)
   for accum in (jnp.float32, jnp.bfloat16):
     value, (g_h, g_w) = jax.value_and_grad(lambda h, w: ka.fused_linear_kl(
         h, w, h, w * 0.5, reduction="mean", chunk_size=4, accum_dtype=accum), (0, 1))(h, w)
@@ -259,9 +269,9 @@ def test_precision_reaches_every_matmul(problem):
     assert len(dots) == 4 and all(f"precision = [{want}, {want}]" in line for line in dots), dots
 
 
-@pytest.mark.parametrize("implementation", ["chunked", "xla"])
+@pytest.mark.parametrize("implementation", IMPLS)
 @pytest.mark.parametrize("reduction", [None, "mean"])
-def test_xla_implementation_equals_chunked(problem, implementation, reduction):
+def test_every_implementation_matches_float64(problem, implementation, reduction):
   p = problem
   weights = p["weights"] if reduction is None else 1.0
 
@@ -271,17 +281,21 @@ def test_xla_implementation_equals_chunked(problem, implementation, reduction):
     return (weights * out).sum()
 
   def want(h, w, b):
-    kl = ka.kl_per_position(h @ w + b[None], p["rh"] @ p["rw"], where=p["mask"], direction="js",
-                            implementation="xla")
+    kl = jnp.where(p["mask"], plain64(h @ w + b[None], jnp.float64(p["rh"]) @ p["rw"], "js"), 0.0)
     return (weights * kl).sum() / (1.0 if reduction is None else p["mask"].sum())
 
   got = jax.value_and_grad(f, (0, 1, 2))(p["h"], p["w"], p["b"])
-  expected = jax.value_and_grad(want, (0, 1, 2))(p["h"], p["w"], p["b"])
+  expected = vg64(want, p["h"], p["w"], p["b"])
   np.testing.assert_allclose(got[0], expected[0], rtol=1e-5)
   for g, h in zip(got[1], expected[1]):
     np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-6)
-  if implementation == "xla":  # forward-mode AD runs through it
-    jax.jvp(lambda h: f(h, p["w"], p["b"]), (p["h"],), (p["h"],))
+  t = np.ones_like(p["h"])
+  if implementation in FORWARD_MODE:  # forward-mode AD runs through it
+    _, tangent = jax.jvp(lambda h: f(h, p["w"], p["b"]), (p["h"],), (t,))
+    np.testing.assert_allclose(tangent, (expected[1][0] * t).sum(), rtol=1e-4)
+  else:
+    with pytest.raises(TypeError, match="implementation=\"xla\""):
+      jax.jvp(lambda h: f(h, p["w"], p["b"]), (p["h"],), (t,))
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -11,15 +11,21 @@ from jax.test_util import check_grads
 
 import klagg_jax as ka
 from klagg_jax import _reference as ref
-from tests.helpers import random_logits, to_f64, x64
+from klagg_jax._ops.fused import api as fused_api
+from klagg_jax._ops.topk import api as topk_api
+from tests.helpers import FORWARD_MODE, random_logits, to_f64, x64
 
 DIRECTIONS = ("forward", "reverse", "js")
 SHAPE = (3, 5, 17)  # [B, T, V]
 TOL = {"rtol": 1e-5, "atol": 1e-6}
+IMPLS = sorted(topk_api.IMPLEMENTATIONS)
+LOGPROBS_IMPLS = sorted(topk_api.LOGPROBS_IMPLEMENTATIONS)
+FUSED_IMPLS = sorted(fused_api.IMPLEMENTATIONS)
 
 # Jitted once per static configuration, so hypothesis examples of one shape share a compilation.
 KL = jax.jit(ka.kl_topk, static_argnames=("direction", "temperature", "beta", "chunk_size"))
-TOPK = jax.jit(ka.topk_logprobs, static_argnums=1, static_argnames=("temperature",))
+TOPK = jax.jit(ka.topk_logprobs, static_argnums=1,
+               static_argnames=("temperature", "implementation"))
 FULL = jax.jit(ka.kl_per_position, static_argnames=("direction", "temperature", "beta"))
 
 
@@ -32,9 +38,11 @@ def value_and_grad(f, argnums=0):
   return jax.jit(jax.value_and_grad(f, argnums))
 
 
-def _kl3(a, lp, idx, tail, where=None, temperature=1.0, beta=0.5, chunk_size=None):
+def _kl3(a, lp, idx, tail, where=None, temperature=1.0, beta=0.5, chunk_size=None,
+         implementation=None):
   return jnp.stack([ka.kl_topk(a, lp, idx, ref_tail=tail, direction=d, where=where,
-                               temperature=temperature, beta=beta, chunk_size=chunk_size)
+                               temperature=temperature, beta=beta, chunk_size=chunk_size,
+                               implementation=implementation)
                     for d in DIRECTIONS])
 
 
@@ -43,7 +51,7 @@ def _sum3(*args, **kwargs):
 
 
 # Module-level, so that tests with the same shapes and options share one compilation.
-STATIC = ("temperature", "beta", "chunk_size")
+STATIC = ("temperature", "beta", "chunk_size", "implementation")
 kl3 = jax.jit(_kl3, static_argnames=STATIC)
 kl3.__doc__ = "kl_topk in the three directions, stacked on a leading axis."
 grad3 = jax.jit(jax.grad(_sum3), static_argnames=STATIC)
@@ -61,9 +69,16 @@ def plain_sum3(a, lp, idx, tail, **kwargs):
              for w, d in zip((1.0, 0.7, 1.3), DIRECTIONS))
 
 
-def stored(teacher_logits, k, temperature=1.0):
+def stored(teacher_logits, k, temperature=1.0, implementation=None):
   """What a pipeline stores: (log-probs, indices, tail) of the teacher, made by the library."""
-  return TOPK(jnp.asarray(teacher_logits), k, temperature=temperature)
+  return TOPK(jnp.asarray(teacher_logits), k, temperature=temperature,
+              implementation=implementation)
+
+
+def grad64(f, *args):
+  """jit(grad(f)) in float64, the truth for gradients (f a float64 jax.numpy composition)."""
+  with x64():
+    return np.asarray(jax.jit(jax.grad(f))(*(np.float64(x) for x in args)))
 
 
 def plain_topk(a, lp, idx, tail, direction, beta=0.5, temperature=1.0):
@@ -85,10 +100,11 @@ def plain_topk(a, lp, idx, tail, direction, beta=0.5, temperature=1.0):
 # ---------------------------------------------------------------------------------- topk_logprobs
 
 
+@pytest.mark.parametrize("impl", LOGPROBS_IMPLS)
 @pytest.mark.parametrize("k, temperature", [(1, 1.0), (5, 0.6), (17, 1.0)])
-def test_topk_logprobs_matches_float64_reference(rng, k, temperature):
+def test_topk_logprobs_matches_float64_reference(rng, impl, k, temperature):
   b = random_logits(rng, SHAPE, scale=3.0)
-  lp, idx, tail = stored(b, k, temperature)
+  lp, idx, tail = stored(b, k, temperature, implementation=impl)
   want_lp, want_idx, want_tail = ref.topk_logprobs(b, k, temperature)
   assert (lp.dtype, idx.dtype, tail.dtype) == (jnp.float32, jnp.int32, jnp.float32)
   assert lp.shape == idx.shape == SHAPE[:-1] + (k,) and tail.shape == SHAPE[:-1]
@@ -126,21 +142,23 @@ def test_topk_logprobs_chunks_and_low_precision(rng):
 
 # Without ref_tail the teacher's tail is computed as log(-expm1(logsumexp(lp))): exact enough
 # where the tail is not tiny (k = 5 of 17); for a tiny tail (k = 16) that is what ref_tail is for.
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("k, with_tail", [(1, True), (5, True), (16, True), (5, False)])
-def test_matches_float64_reference(rng, k, with_tail):
+def test_matches_float64_reference(rng, impl, k, with_tail):
   a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE, scale=3.0)
   lp, idx, tail = stored(b, k)
   tail = tail if with_tail else None
-  got = kl3(a, lp, idx, tail)
+  got = kl3(a, lp, idx, tail, implementation=impl)
   assert got.dtype == jnp.float32 and got.shape == (3,) + SHAPE[:-1]
   np.testing.assert_allclose(got, ref3(a, lp, idx, tail), **TOL)
 
 
-def test_temperature_and_chunk_size_one(rng):
-  chunk_size, temperature = 1, 0.6
+@pytest.mark.parametrize("impl", IMPLS)
+def test_temperature_and_chunk_size_one(rng, impl):
+  chunk_size, temperature = 1, 0.6  # the chunk size is read by the row-block loop only
   a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
   lp, idx, tail = stored(b, 5, temperature)  # the teacher is stored at the distillation T
-  got = kl3(a, lp, idx, tail, temperature=temperature, chunk_size=chunk_size)
+  got = kl3(a, lp, idx, tail, temperature=temperature, chunk_size=chunk_size, implementation=impl)
   np.testing.assert_allclose(got, ref3(a, lp, idx, tail, temperature=temperature), **TOL)
 
 
@@ -205,25 +223,28 @@ def test_tail_of_1e_30_gives_the_exact_reverse_divergence(rng):
   np.testing.assert_allclose(KL(student, lp, idx), ref.kl_topk(student, lp, idx, tail), **TOL)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("k", [3, 15])
-def test_negative_infinite_vocabulary_entries(rng, k):
+def test_negative_infinite_vocabulary_entries(rng, impl, k):
   a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
   banned_cols = np.zeros(SHAPE[-1], bool)
   banned_cols[rng.choice(SHAPE[-1], 5, replace=False)] = True
   a[..., banned_cols], b[..., banned_cols] = -np.inf, -np.inf
   lp, idx, tail = stored(b, k)  # k = 15 stores -inf log-probs and leaves both tails empty
-  np.testing.assert_allclose(kl3(a, lp, idx, tail), ref3(a, lp, idx, tail), **TOL)
-  g = grad3(a, lp, idx, tail)
+  np.testing.assert_allclose(kl3(a, lp, idx, tail, implementation=impl), ref3(a, lp, idx, tail),
+                             **TOL)
+  g = grad3(a, lp, idx, tail, implementation=impl)
   assert np.isfinite(g).all()
   np.testing.assert_array_equal(np.asarray(g)[..., banned_cols], 0.0)
-  if k == 3:  # the finite entries agree with autodiff over the vocabulary without the banned
+  if k == 3:  # the finite entries agree with float64 autodiff over the unbanned vocabulary
     keep = ~banned_cols
     sub_idx = (np.cumsum(keep) - 1)[np.asarray(idx)]
-    want = grad(plain_sum3)(a[..., keep], lp, sub_idx, tail)
+    want = grad64(lambda x, y, t: plain_sum3(x, y, sub_idx, t), a[..., keep], lp, tail)
     np.testing.assert_allclose(np.asarray(g)[..., keep], want, atol=1e-5)
 
 
-def test_masked_positions_are_exact_zero_even_with_garbage(rng):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_masked_positions_are_exact_zero_even_with_garbage(rng, impl):
   a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
   lp, idx, tail = (np.array(x) for x in stored(b, 4))
   mask = rng.random(SHAPE[:-1]) > 0.4
@@ -232,19 +253,21 @@ def test_masked_positions_are_exact_zero_even_with_garbage(rng):
   idx[~mask] = -1
   idx[~mask & (rng.random(SHAPE[:-1]) > 0.5)] = 10**6
   for t, t_clean in ((tail, clean[3]), (None, None)):  # garbage log-probs make garbage tails
-    value = kl3(a, lp, idx, t, where=mask, chunk_size=4)
+    value = kl3(a, lp, idx, t, where=mask, chunk_size=4, implementation=impl)
     np.testing.assert_array_equal(np.asarray(value)[:, ~mask], 0.0)
     np.testing.assert_allclose(value, ref3(*clean[:3], t_clean, where=mask), **TOL)
-  g = grad3(a, lp, idx, tail, where=mask, chunk_size=4)
+  g = grad3(a, lp, idx, tail, where=mask, chunk_size=4, implementation=impl)
   assert np.isfinite(g).all()
   np.testing.assert_array_equal(np.asarray(g)[~mask], 0.0)
 
 
-def test_student_equal_to_teacher_gives_zero(rng):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_student_equal_to_teacher_gives_zero(rng, impl):
   a = random_logits(rng, SHAPE, scale=4.0)
   lp, idx, tail = stored(a, 5)
-  np.testing.assert_allclose(kl3(a, lp, idx, tail), 0.0, atol=1e-6)  # float32 rounding only
-  np.testing.assert_allclose(grad3(a, lp, idx, tail), 0.0, atol=1e-5)
+  kw = {"implementation": impl}
+  np.testing.assert_allclose(kl3(a, lp, idx, tail, **kw), 0.0, atol=1e-6)  # float32 rounding
+  np.testing.assert_allclose(grad3(a, lp, idx, tail, **kw), 0.0, atol=1e-5)
 
 
 # --------------------------------------------------------------------- hypothesis properties
@@ -277,35 +300,40 @@ def test_property_invariant_to_permuting_the_vocabulary(a, b, seed):
 # -------------------------------------------------------------------------------- gradients
 
 
-def test_gradients_match_autodiff_of_plain_composition(rng):
-  chunk_size = 3
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradients_match_float64_autodiff(rng, impl):
   a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
   lp, idx, tail = stored(b, 5)
-  got = grad3(a, lp, idx, tail, temperature=0.8, beta=0.3, chunk_size=chunk_size)
-  want = grad(lambda x: plain_sum3(x, lp, idx, tail, beta=0.3, temperature=0.8))(a)
+  got = grad3(a, lp, idx, tail, temperature=0.8, beta=0.3, chunk_size=3, implementation=impl)
+  want = grad64(lambda x, y, t: plain_sum3(x, y, idx, t, beta=0.3, temperature=0.8), a, lp, tail)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("order", [1, 2])
-def test_check_grads_float64(order):
+def test_check_grads_float64(impl, order):
   rng = np.random.default_rng(1)
   with x64():
     a, b = rng.standard_normal((2, 3, 9)), rng.standard_normal((2, 3, 9))
     lp, idx, tail = ka.topk_logprobs(b, 4)
     if order == 1:  # every direction
-      f = jax.jit(lambda x: kl3(x, lp, idx, tail, beta=0.3))
+      f = jax.jit(lambda x: kl3(x, lp, idx, tail, beta=0.3, implementation=impl))
     else:  # the distillation default
-      f = jax.jit(lambda x: ka.kl_topk(x, lp, idx, ref_tail=tail))
+      f = jax.jit(lambda x: ka.kl_topk(x, lp, idx, ref_tail=tail, implementation=impl))
     assert f(a).dtype == jnp.float64
     check_grads(f, (a,), order=order, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
-def test_traced_temperature_is_differentiable(rng):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_traced_temperature_is_differentiable(rng, impl):
   a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
   lp, idx, tail = stored(b, 5)
-  f = lambda t: ka.kl_topk(a, lp, idx, ref_tail=tail, temperature=t).sum()
-  g = lambda t: plain_topk(a, lp, idx, tail, "forward", temperature=t).sum()
-  (v_f, g_f), (v_g, g_g) = value_and_grad(f)(1.3), value_and_grad(g)(1.3)
+  f = lambda t: ka.kl_topk(a, lp, idx, ref_tail=tail, temperature=t, implementation=impl).sum()
+  v_f, g_f = value_and_grad(f)(1.3)
+  with x64():  # the float64 truth
+    g = lambda t: plain_topk(*(np.float64(x) for x in (a, lp)), idx, np.float64(tail), "forward",
+                             temperature=t).sum()
+    v_g, g_g = value_and_grad(g)(np.float64(1.3))
   np.testing.assert_allclose(v_f, v_g, rtol=1e-5)
   np.testing.assert_allclose(g_f, g_g, rtol=1e-4)
 
@@ -323,20 +351,24 @@ def test_chunked_equals_unchunked_in_value_and_gradient(rng):
   a, b = random_logits(rng, (37, 21)), random_logits(rng, (37, 21))
   lp, idx, tail = stored(b, 5)
   mask = rng.random(37) > 0.2
-  f = lambda x, c: ka.kl_topk(x, lp, idx, ref_tail=tail, where=mask, chunk_size=c, direction="js")
-  full = value_and_grad(lambda x: f(x, 37).sum())(a)
+  f = lambda x, c: ka.kl_topk(x, lp, idx, ref_tail=tail, where=mask, chunk_size=c, direction="js",
+                              implementation="chunked")
+  want = ref.kl_topk(a, lp, idx, tail, "js", where=mask).sum()
+  want_grad = grad64(lambda x, y, t: jnp.where(mask, plain_topk(x, y, idx, t, "js"), 0.0).sum(),
+                     a, lp, tail)
   for chunk in (1, 8):  # 8 does not divide 37: the last chunk overlaps the one before
     part = value_and_grad(lambda x: f(x, chunk).sum())(a)
-    np.testing.assert_allclose(part[0], full[0], rtol=1e-5)
-    np.testing.assert_allclose(part[1], full[1], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(part[0], want, rtol=1e-5)
+    np.testing.assert_allclose(part[1], want_grad, rtol=1e-5, atol=1e-6)
 
 
-def test_jit_and_vmap_invariance(rng):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_jit_and_vmap_invariance(rng, impl):
   a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
   lp, idx, tail = stored(b, 5)
-  vmapped = jax.jit(jax.vmap(lambda x, y, i, t: ka.kl_topk(x, y, i, ref_tail=t, chunk_size=2)))(
-      a, lp, idx, tail)
-  np.testing.assert_allclose(vmapped, kl3(a, lp, idx, tail)[0], rtol=1e-6, atol=1e-7)
+  vmapped = jax.jit(jax.vmap(lambda x, y, i, t: ka.kl_topk(x, y, i, ref_tail=t, chunk_size=2,
+                                                           implementation=impl)))(a, lp, idx, tail)
+  np.testing.assert_allclose(vmapped, ref.kl_topk(a, lp, idx, tail, "forward"), **TOL)
 
 
 # ------------------------------------------------------------------------------------ fused
@@ -516,7 +548,7 @@ def test_ref_tail_may_be_passed_positionally(rng):
                               ref_tail=tail))
 
 
-@pytest.mark.parametrize("implementation", ["chunked", "xla"])
+@pytest.mark.parametrize("implementation", IMPLS)
 @pytest.mark.parametrize("what", ["student", "teacher", "tail"])
 def test_nan_at_a_valid_position_surfaces_and_masked_nan_does_not(rng, implementation, what):
   a, b = random_logits(rng, (6, 17)), random_logits(rng, (6, 17))
@@ -553,31 +585,51 @@ def test_issue_reproducers_now_print_nan():
   assert np.isnan(ka.kl_topk(s, *ka.topk_logprobs(r, 2), temperature=jnp.float32(2.0))[1])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_xla_implementation_equals_chunked(rng, direction):
+def test_every_implementation_matches_float64_in_value_and_gradient(rng, impl, direction):
   a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
   a[..., 3], b[..., 3] = -np.inf, -np.inf  # banned on both sides (never stored)
   mask = rng.random(SHAPE[:-1]) > 0.3
   a[~mask] = np.nan
   lp, idx, tail = ka.topk_logprobs(b, 5)
-  for lhs, rhs in zip(ka.topk_logprobs(b, 5, implementation="xla"), (lp, idx, tail)):
-    np.testing.assert_array_equal(lhs, rhs)
 
-  def f(impl):
-    return lambda x: (ka.kl_topk(x, lp, idx, tail, where=mask, direction=direction, beta=0.3,
-                                 temperature=0.9, chunk_size=4, implementation=impl) ** 2).sum()
-
-  (v1, g1), (v2, g2) = (jax.value_and_grad(f(i))(a) for i in ("chunked", "xla"))
-  np.testing.assert_allclose(v2, v1, rtol=1e-5)
-  assert np.isfinite(g2).all()
-  np.testing.assert_allclose(g2, g1, rtol=1e-4, atol=1e-6)
+  f = lambda x: (ka.kl_topk(x, lp, idx, tail, where=mask, direction=direction, beta=0.3,
+                            temperature=0.9, chunk_size=4, implementation=impl) ** 2).sum()
+  value, g = jax.value_and_grad(f)(a)
+  clean = np.where(mask[..., None], a, 0.0)
+  want = (ref.kl_topk(clean, lp, idx, tail, direction, where=mask, temperature=0.9,
+                      beta=0.3) ** 2).sum()
+  want_grad = grad64(lambda x, y, t: (jnp.where(mask, plain_topk(
+      x, y, idx, t, direction, beta=0.3, temperature=0.9), 0.0) ** 2).sum(), clean, lp, tail)
+  np.testing.assert_allclose(value, want, rtol=1e-5)
+  assert np.isfinite(g).all()
+  np.testing.assert_allclose(g, want_grad, rtol=1e-4, atol=1e-6)
   t = rng.standard_normal(SHAPE).astype(np.float32)
-  jax.jvp(lambda x: ka.kl_topk(x, lp, idx, tail, implementation="xla"), (np.nan_to_num(a),), (t,))
+  jvp = lambda: jax.jvp(lambda x: ka.kl_topk(x, lp, idx, tail, implementation=impl),
+                        (np.nan_to_num(a),), (t,))
+  if impl in FORWARD_MODE:
+    jvp()
+  else:
+    with pytest.raises(TypeError, match="implementation=\"xla\""):
+      jvp()
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("direction", DIRECTIONS)
-def test_fused_reduced_equals_materialized(rng, reduction, direction):
+@pytest.mark.parametrize("impl", LOGPROBS_IMPLS)
+def test_every_topk_logprobs_implementation_matches_float64(rng, impl):
+  b = random_logits(rng, SHAPE)
+  b[..., 3] = -np.inf
+  lp, idx, tail = ka.topk_logprobs(b, 5, implementation=impl)
+  want_lp, want_idx, want_tail = ref.topk_logprobs(b, 5)
+  np.testing.assert_array_equal(idx, want_idx)
+  np.testing.assert_allclose(lp, want_lp, **TOL)
+  np.testing.assert_allclose(tail, want_tail, **TOL)
+
+
+@pytest.mark.parametrize("impl, reduction, direction", [
+    (impl, reduction, direction) for impl in FUSED_IMPLS
+    for reduction, direction in (("mean", "forward"), ("sum", "reverse"), ("mean", "js"))])
+def test_fused_reduced_matches_float64(rng, impl, reduction, direction):
   n, d, v = 12, 6, 17
   h, w, bias = (random_logits(rng, s, scale=1.0) for s in ((n, d), (d, v), (v,)))
   lp, idx, tail = ka.topk_logprobs(random_logits(rng, (n, v)), 4)
@@ -586,15 +638,16 @@ def test_fused_reduced_equals_materialized(rng, reduction, direction):
   def fused(h, w, bias):
     return ka.fused_linear_kl_topk(h, w, lp, idx, tail, bias=bias, where=mask,
                                    direction=direction, chunk_size=5, reduction=reduction,
-                                   temperature=0.8)
+                                   temperature=0.8, implementation=impl)
 
-  def materialized(h, w, bias):
-    kl = ka.kl_topk(h @ w + bias[None], lp, idx, tail, where=mask, direction=direction,
-                    temperature=0.8, implementation="xla")
+  def materialized(h, w, bias):  # the float64 truth
+    kl = jnp.where(mask, plain_topk(h @ w + bias[None], np.float64(lp), idx, np.float64(tail),
+                                    direction, temperature=0.8), 0.0)
     return kl.sum() / (mask.sum() if reduction == "mean" else 1.0)
 
   got = jax.value_and_grad(fused, (0, 1, 2))(h, w, bias)
-  want = jax.value_and_grad(materialized, (0, 1, 2))(h, w, bias)
+  with x64():
+    want = jax.value_and_grad(materialized, (0, 1, 2))(*(np.float64(x) for x in (h, w, bias)))
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   for g, e in zip(got[1], want[1]):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)

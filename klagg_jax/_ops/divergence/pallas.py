@@ -53,6 +53,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from klagg_jax._ops.divergence.base import Spec
+from klagg_jax._ops.rows import hint_jvp
 from klagg_jax._ops.divergence import pallas_kernels as K
 from klagg_jax._ops.divergence import pallas_tiles, pallas_tpu
 from klagg_jax._ops.divergence.pallas_tiles import Tiles
@@ -356,6 +357,7 @@ def _rows_bwd(spec, tiles, residuals, g):
 
 
 _rows.defvjp(_rows_fwd, _rows_bwd)
+_rows_or_hint = hint_jvp(_rows)  # a jax.jvp through it names implementation="xla"
 
 
 def divergence_rows(a: jax.Array, b: jax.Array, mask: jax.Array, spec: Spec,
@@ -426,7 +428,7 @@ def divergence_rows(a: jax.Array, b: jax.Array, mask: jax.Array, spec: Spec,
   explicit = _explicit_layout(a, b) if spec.vocab_axis is None else None
   if explicit is not None:
     return _on_explicit_mesh(a, b, mask, spec, tiles, *explicit)
-  return _rows(a, b, mask, spec, tiles)
+  return _rows_or_hint(a, b, mask, spec, tiles)
 
 
 def _explicit_layout(a, b):
@@ -453,7 +455,7 @@ def _on_explicit_mesh(a, b, mask, spec, tiles, mesh, batch, vocab):
   local_spec = dataclasses.replace(spec, vocab_axis=_spec_entry(vocab))
 
   def local(a, b, mask):
-    return _rows(a, b, mask, local_spec, tiles)
+    return _rows_or_hint(a, b, mask, local_spec, tiles)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(logits, logits, rows), out_specs=rows)(
       a, b, mask)

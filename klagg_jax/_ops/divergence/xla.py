@@ -86,6 +86,9 @@ def divergence_rows(a: jax.Array, b: jax.Array, mask: jax.Array, spec) -> jax.Ar
   else:
     beta = spec.beta
     div = beta * _kl_to_mix(lr, lp, 1.0 - beta, axis) + (1.0 - beta) * _kl_to_mix(lp, lr, beta, axis)
+  # A NaN or +inf in either row is NaN, even where the other row has no mass to read it with.
+  poisoned = _vsum((jnp.isnan(x) | (x == jnp.inf) | jnp.isnan(y) | (y == jnp.inf)), axis) > 0
+  div = jnp.where(poisoned, jnp.nan, div)
   # Never negative: a rounding residue at or below 0 is the minimum (zero gradient); NaN passes.
   div = jnp.where(div <= 0, jnp.zeros_like(div), div)
   return jnp.where(mask, div, 0.0)
