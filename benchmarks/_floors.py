@@ -101,8 +101,9 @@ def floor_s(amount: float, rate: float) -> float:
 # ------------------------------------------------------------------------------------- measurement
 
 
-def _median_time(fn: Callable, args: tuple, repeats: int, warmup: int = 2) -> float:
-  compiled = jax.jit(fn).lower(*args).compile()
+def timed_calls(compiled: Callable, args: Any, repeats: int, warmup: int = 2) -> list[float]:
+  """Seconds of each of `repeats` calls of a compiled function, after `warmup` untimed ones
+  (every call ends in `block_until_ready`)."""
   for _ in range(warmup):
     jax.block_until_ready(compiled(*args))
   times = []
@@ -110,7 +111,11 @@ def _median_time(fn: Callable, args: tuple, repeats: int, warmup: int = 2) -> fl
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  return times
+
+
+def _median_time(fn: Callable, args: tuple, repeats: int, warmup: int = 2) -> float:
+  return float(np.median(timed_calls(jax.jit(fn).lower(*args).compile(), args, repeats, warmup)))
 
 
 def copy_bandwidth(nbytes: int, repeats: int = 20) -> tuple[float, float]:

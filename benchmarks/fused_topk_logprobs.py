@@ -33,6 +33,7 @@ import klagg_jax as ka
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness  # noqa: E402  (benchmarks/ is a folder of scripts)
+from _floors import timed_calls  # noqa: E402
 
 
 def functions(k: int):
@@ -58,13 +59,7 @@ def row(name, fn, n, d, v, k, dtype, timed, repeats):
   if timed:
     rng = np.random.default_rng(0)
     args = [jax.device_put(jnp.asarray(rng.standard_normal(s.shape), dtype)) for s in specs]
-    for _ in range(2):
-      jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-      t = time.perf_counter()
-      jax.block_until_ready(compiled(*args))
-      times.append(time.perf_counter() - t)
+    times = timed_calls(compiled, args, repeats)
     out.update(median_ms=round(1e3 * statistics.median(times), 3),
                min_ms=round(1e3 * min(times), 3))
   return out

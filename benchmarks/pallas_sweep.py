@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _floors  # noqa: E402
 import _harness as H  # noqa: E402
+from _floors import timed_calls  # noqa: E402
 
 from klagg_jax._chunked import Chunking  # noqa: E402
 from klagg_jax._ops.divergence.base import Spec  # noqa: E402
@@ -58,13 +59,7 @@ def _time(fn, args, warmup: int, repeats: int) -> tuple[float, float, Any]:
   compiled = jax.jit(fn).lower(*args).compile()
   compile_s = time.perf_counter() - t0
   out = jax.block_until_ready(compiled(*args))
-  for _ in range(warmup - 1):
-    jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t)
+  times = timed_calls(compiled, args, repeats, warmup - 1)
   return compile_s, float(np.median(times)), out
 
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import klagg_jax as ka
+from _floors import timed_calls
 from _harness import git_commit
 
 
@@ -46,13 +47,7 @@ def _measure(fn: Callable, args: Sequence[Any], *, warmup: int, repeats: int) ->
   compiled = lowered.compile()
   t2 = time.perf_counter()
   mem = compiled.memory_analysis()
-  for _ in range(warmup):
-    jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
+  times = timed_calls(compiled, args, repeats, warmup)
   return {
       "median_s": statistics.median(times), "min_s": min(times), "times_s": tuple(times),
       "lower_s": t1 - t0, "compile_s": t2 - t1,
