@@ -7,16 +7,28 @@ alone (nothing of the chunked kernel's block math), so tests of either against t
 truth are independent. The library's conventions are kept differentiable by the "double where"
 (make the input of an undefined branch safe inside, select outside; JAX FAQ, "gradients
 contain NaN where using where").
+
+A KL over the whole vocabulary without a soft-cap first runs as :func:`_streamed_kl`: the same
+formulas with no select at all, which XLA:CPU compiles, as it does plain jax.numpy, into one
+fused pass over the rows (any select splits that pass into one loop per reduction, 3-4x the
+time). The conventions cannot be written without selects, but wherever one of them decides a
+row the select-free value is NaN or ``+inf``: then the call takes the exact formulas above,
+value and derivatives. Its custom JVP (so forward mode, reverse mode and Hessians all work)
+turns the tangent into ``sum_v c_v t_v`` with the coefficients ``c = d KL / d logits`` of
+whichever branch ran.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
 from klagg_jax import _checks
+from jax.custom_derivatives import SymbolicZero
+
 from klagg_jax._ops import transform
 
 
@@ -66,12 +78,7 @@ def _kl_to_mix(lp: jax.Array, lr: jax.Array, w: float, axis_name: str | None) ->
   return _vsum(jnp.where(none, 0.0, -p * _log_mix(delta, w)), axis_name)
 
 
-def divergence_rows(a: jax.Array, b: jax.Array, mask: jax.Array, spec) -> jax.Array:
-  """Per-row divergence of ``[N, V]`` logits ``a`` (student) from ``b`` (reference); ``[N]``.
-
-  The same contract as the chunked kernel's ``divergence_rows``; ``spec.chunks`` is ignored
-  and ``spec.ref_grad`` False stops the gradient into ``b``.
-  """
+def _exact_rows(a: jax.Array, b: jax.Array, mask: jax.Array, spec) -> jax.Array:
   dtype = _checks.compute_dtype(a, b)
   x = transform.transform(a, mask, spec.softcap, spec.inv_temperature, dtype)
   y = transform.transform(b, mask, spec.ref_softcap, spec.inv_temperature, dtype)
@@ -92,3 +99,104 @@ def divergence_rows(a: jax.Array, b: jax.Array, mask: jax.Array, spec) -> jax.Ar
   # Never negative: a rounding residue at or below 0 is the minimum (zero gradient); NaN passes.
   div = jnp.where(div <= 0, jnp.zeros_like(div), div)
   return jnp.where(mask, div, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The select-free KL. An empty row's log-softmax is NaN here (-inf + inf), as is a term
+# 0 * -inf, a NaN or a +inf anywhere in a row: every case the conventions decide.
+
+
+def _streamed_log_softmax(x: jax.Array) -> jax.Array:
+  top = jnp.maximum(jax.lax.stop_gradient(x.max(-1, keepdims=True)), jnp.finfo(x.dtype).min)
+  return x - (top + jnp.log(jnp.exp(x - top).sum(-1, keepdims=True)))
+
+
+def _streamed_sides(a, b, spec):
+  """(log p, log q) of KL(p || q) as the spec orients it, and whether ``a`` is the p side."""
+  dtype = _checks.compute_dtype(a, b)
+  la = _streamed_log_softmax(a.astype(dtype) * spec.inv_temperature)
+  lb = _streamed_log_softmax(b.astype(dtype) * spec.inv_temperature)
+  return (la, lb, True) if spec.direction == "reverse" else (lb, la, False)
+
+
+def _streamed_kl(a, b, spec):
+  lp, lq, _ = _streamed_sides(a, b, spec)
+  return jnp.sum(jnp.exp(lp) * (lp - lq), -1)
+
+
+def _row_ok(raw: jax.Array) -> jax.Array:
+  """Rows no convention decides: their select-free value is neither NaN nor ``+inf``."""
+  return ~(jnp.isnan(raw) | (raw == jnp.inf))
+
+
+def _per_row(ok: jax.Array, streamed, exact):
+  """``streamed()`` when every row is ok, else ``exact()`` on the rows that are not.
+
+  Per row, so a row's result never depends on another row's content: a NaN in one row leaves
+  every other row's value and gradient bit for bit as they were.
+  """
+  def mixed():
+    return jax.tree.map(lambda s, e: jnp.where(ok.reshape(ok.shape + (1,) * (s.ndim - 1)), s, e),
+                        streamed(), exact())
+
+  return jax.lax.cond(jnp.all(ok), streamed, mixed)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _streamed_rows(a, b, mask, spec):
+  raw = _streamed_kl(a, b, spec)
+  return _per_row(_row_ok(raw), lambda: jnp.where(mask & (raw > 0), raw, 0.0),
+                  lambda: _exact_rows(a, b, mask, spec))
+
+
+@functools.partial(_streamed_rows.defjvp, symbolic_zeros=True)
+def _streamed_rows_jvp(spec, primals, tangents):
+  """Tangent ``sum_v c_v t_v`` per row (rows are independent), ``c`` the value's gradient.
+
+  Select-free, ``c`` is ``p (log p - log q - KL)`` on the p side and ``q - p`` on the other,
+  times 1/T, on the rows the value keeps (0 elsewhere); on the rows a convention decides, the
+  exact formulas' gradient. ``c`` is made as a value, not under JAX's linearization of the
+  branches: differentiating through ``lax.cond`` would keep every residual of both.
+  """
+  a, b, mask = primals
+  want = [not isinstance(t, SymbolicZero) for t in tangents[:2]]
+  if not spec.ref_grad:
+    want[1] = False
+  raw = _streamed_kl(a, b, spec)
+  kept = mask & (raw > 0)
+
+  def streamed():
+    lp, lq, a_is_p = _streamed_sides(a, b, spec)
+    keep = jnp.where(kept, spec.inv_temperature, 0.0).astype(lp.dtype)[:, None]
+    p = jnp.exp(lp)
+    c_p, c_q = keep * p * ((lp - lq) - raw[:, None]), keep * (jnp.exp(lq) - p)
+    c = (c_p, c_q) if a_is_p else (c_q, c_p)
+    return jnp.where(kept, raw, 0.0), [c[i] if want[i] else None for i in range(2)]
+
+  def exact():
+    value, pull = jax.vjp(lambda x, y: _exact_rows(x, y, mask, spec), a, b)
+    grads = pull(jnp.ones_like(value))
+    return value, [grads[i].astype(value.dtype) if want[i] else None for i in range(2)]
+
+  value, coeffs = _per_row(_row_ok(raw), streamed, exact)
+  tangent = jnp.zeros_like(value)
+  for c, t in zip(coeffs, tangents[:2]):
+    if c is not None:
+      tangent = tangent + jnp.sum(c * t.astype(c.dtype), -1)
+  return value, tangent
+
+
+def _streams(spec) -> bool:
+  return (spec.direction in ("reverse", "forward") and spec.softcap is None
+          and spec.ref_softcap is None and spec.vocab_axis is None)
+
+
+def divergence_rows(a: jax.Array, b: jax.Array, mask: jax.Array, spec) -> jax.Array:
+  """Per-row divergence of ``[N, V]`` logits ``a`` (student) from ``b`` (reference); ``[N]``.
+
+  The same contract as the chunked kernel's ``divergence_rows``; ``spec.chunks`` is ignored
+  and ``spec.ref_grad`` False stops the gradient into ``b``.
+  """
+  if _streams(spec):
+    return _streamed_rows(a, b if spec.ref_grad else jax.lax.stop_gradient(b), mask, spec)
+  return _exact_rows(a, b, mask, spec)
