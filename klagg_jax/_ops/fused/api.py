@@ -20,14 +20,14 @@ from klagg_jax import _checks, _sharding
 from klagg_jax._chunked import chunking
 from klagg_jax._ops import eager, registry, transform
 from klagg_jax._ops.divergence.base import Spec, resolve_direction
-from klagg_jax._ops.fused import chunked, xla
+from klagg_jax._ops.fused import chunked, pallas, xla
 from klagg_jax._ops.fused.base import FusedSpec, LinearReference, TopkReference
 from klagg_jax._ops.topk import api as topk_api
 from klagg_jax._ops.topk.base import TopkSpec
 
 WEIGHT_LAYOUTS = ("dv", "vd")
 REDUCTIONS = (None, "mean", "sum")
-IMPLEMENTATIONS = {"chunked": chunked.rows, "xla": xla.rows}
+IMPLEMENTATIONS = {"chunked": chunked.rows, "pallas": pallas.rows, "xla": xla.rows}
 
 
 def _vocab_of(name: str, weight: jax.Array, layout: str) -> tuple[int, int]:
