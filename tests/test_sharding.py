@@ -9,6 +9,7 @@ logits-sized.
 
 from __future__ import annotations
 
+import functools
 import math
 import pathlib
 import re
@@ -171,6 +172,30 @@ def test_fused_linear_kl_matches_one_device(layout, chunk_size, weight_layout):
   assert dh.sharding.spec == P(bs, None, None)
   assert dwt.sharding.spec == P(*w_spec) and dbias.sharding.spec == P(vs)
   assert all(n < LOGITS_BLOCK for n in moved_elements(hlo))
+
+
+@pytest.mark.parametrize("kind", ["auto", "explicit"])
+def test_fused_pallas_block_step_runs_per_shard(kind):
+  """The Pallas block step on a vocabulary- and batch-split head: in the library's shard_map
+  (Explicit axes: row statistics merged over the vocabulary axis) and under GSPMD (a classic
+  mesh: the kernels partitioned per shard). One device's values and gradients, nothing moved."""
+  p = data(3)
+
+  def f(h, wt, rh, rwt, mask, w, impl="pallas"):
+    fused = lambda h, wt, **kw: ka.fused_linear_kl(h, wt, rh, rwt, where=mask, chunk_size=12,
+                                                   implementation=impl, **kw)
+    per = jax.value_and_grad(lambda h, wt: (fused(h, wt, direction="js") * w).sum(),
+                             (0, 1))(h, wt)
+    return per, jax.value_and_grad(lambda h, wt: fused(h, wt, reduction="mean"), (0, 1))(h, wt)
+
+  host = (p["h"], p["wt"], p["rh"], p["rwt"], p["mask"], p["w"])
+  want = jax.jit(functools.partial(f, impl="chunked"))(*host)
+  bs, vs = LAYOUTS["both"]
+  specs = ((bs, None, None), (None, vs), (bs, None, None), (None, vs), (bs, None), (bs, None))
+  mesh = CLASSIC if kind == "auto" else EXPLICIT
+  got, hlo = run(f, *[put(x, mesh, *s) for x, s in zip(host, specs)])
+  assert_tree_close(got, want, kind)
+  assert moved_elements(hlo) == [], kind
 
 
 # ----------------------------------------------------------------------------------------------
