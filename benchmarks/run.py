@@ -95,8 +95,8 @@ class Config:
   `total_budget_s`: for the whole run, rows that would start later are skipped.
   `chunks` / `xla`: extra klagg rows at forced `chunk_size`s / at `implementation="xla"` (kl and
   barrier); `implementations`: extra klagg rows at each `implementation=` named (kl, barrier,
-  and fused_js at `reduction="mean"`; a name the library does not know yet gives a skipped row), and for `"pallas"` a row calling the
-  Pallas kernel's entry point directly (kl). `pallas_tiles`: a `pallas_sweep.py` JSON whose
+  and fused_js at `reduction="mean"`; a name the library does not know yet gives a skipped
+  row), and for `"pallas"` a row calling the Pallas kernel's entry point directly (kl). `pallas_tiles`: a `pallas_sweep.py` JSON whose
   table rows are registered before the run. `fused_js_shapes` are (N, D, V) for the `fused_js` workload, run in `fused_js_dtypes`
   with `fused_js_beta` and extra rows at `fused_js_chunks`. `copy_bytes` and `matmul_size` size
   the passes that measure the bandwidth and matmul rate of the computed floors.

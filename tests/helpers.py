@@ -84,7 +84,8 @@ def refuses(op: str, impl: str, feature: str) -> bool:
 
 
 def refused(op: str, impl: str, feature: str, call) -> bool:
-  """True (after checking ``call()`` raises NotImplementedError) where ``impl`` lacks ``feature``."""
+  """True (after checking that ``call()`` raises NotImplementedError) where ``impl`` lacks
+  ``feature``."""
   if not refuses(op, impl, feature):
     return False
   with pytest.raises(NotImplementedError):
