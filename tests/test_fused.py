@@ -309,6 +309,20 @@ def test_every_implementation_matches_float64(problem, implementation, reduction
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_vmap_equals_one_call_per_batch(problem, impl):
+  p = problem
+  hs = np.stack([p["h"], p["h"][::-1]])
+  f = lambda h, w: ka.fused_linear_kl(h, w, p["rh"], p["rw"], where=p["mask"], direction="js",
+                                      reduction="mean", chunk_size=4, implementation=impl)
+  vg = jax.value_and_grad(f, (0, 1))
+  got = jax.jit(jax.vmap(vg, in_axes=(0, None)))(hs, p["w"])
+  for i, h in enumerate(hs):
+    want = vg(h, p["w"])
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g[i], e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_float64_inputs_compute_in_float64_or_are_refused(problem, impl):
   p = problem
   with x64():

@@ -58,7 +58,7 @@ class PallasLinearReference(LinearReference):
 def _pallas_spec(hidden, weight, ref_rows, ref_consts, spec: FusedSpec) -> FusedSpec:
   """``spec`` with its reference block swapped for the Pallas one; raises where it cannot run."""
   block = spec.block
-  if type(block) is not LinearReference:
+  if not isinstance(block, LinearReference):
     raise NotImplementedError(f"the Pallas fused head runs the full-logits reference only; "
                               f"{type(block).__name__} (e.g. a stored top-k teacher) has other "
                               "block math.")
