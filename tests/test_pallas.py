@@ -326,22 +326,25 @@ def test_exports_for_cuda_with_the_triton_kernels(direction):
     jax.export.export(jax.jit(forward), platforms=["cuda"])(*sds)
 
 
-def test_fused_head_exports_for_cuda_with_the_triton_kernels():
-  """fused_linear_kl(implementation="pallas", reduction="mean"): value and gradient lowered for
-  CUDA hold the block step's kernels (statistics and student gradient, once per block loop)."""
+@pytest.mark.parametrize("direction, reduction, kernels", [
+    ("reverse", "mean", 2),  # the row statistics, the student gradient
+    ("js", None, 3)])  # the statistics, the mixture sums (forward); the gradient (backward)
+def test_fused_head_exports_for_cuda_with_the_triton_kernels(direction, reduction, kernels):
+  """fused_linear_kl(implementation="pallas"): value and gradient lowered for CUDA hold the
+  block step's kernels, once per block loop."""
   import klagg_jax as ka
   n, d, v = 16, 8, 128256
   sds = (jax.ShapeDtypeStruct((n, d), jnp.bfloat16), jax.ShapeDtypeStruct((d, v), jnp.bfloat16))
 
   def loss(h, w, rh, rw):
-    return ka.fused_linear_kl(h, w, rh, rw, direction="reverse", reduction="mean",
-                              implementation="pallas")
+    return ka.fused_linear_kl(h, w, rh, rw, direction=direction, reduction=reduction,
+                              implementation="pallas").sum()
 
   checks = [jax.export.DisabledSafetyCheck.custom_call(TRITON)]
   with cuda_target():
     exported = jax.export.export(jax.jit(jax.value_and_grad(loss, (0, 1))), platforms=["cuda"],
                                  disabled_checks=checks)(*sds, *sds)
-  assert exported.mlir_module().count(TRITON) == 2  # the row statistics, the student gradient
+  assert exported.mlir_module().count(TRITON) == kernels
 
 
 # ------------------------------------------------------------------------------------------------
