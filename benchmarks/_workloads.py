@@ -118,14 +118,16 @@ def klagg_variants(params: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
   return out + [(f" chunk_size={c}", {"chunk_size": c}) for c in params.get("chunks", ())]
 
 
-def known_implementation(kwargs: dict[str, Any]) -> None:
-  """Raises `Unavailable` when the library rejects `kwargs["implementation"]` (not yet there)."""
+def known_implementation(kwargs: dict[str, Any], fn_name: str = "kl_per_position") -> None:
+  """Raises `Unavailable` when `fn_name` (`kl_per_position` or `fused_linear_kl`) rejects
+  `kwargs["implementation"]` (not yet there)."""
   if "implementation" not in kwargs:
     return
-  fn = ka_with("kl_per_position", kwargs)
-  tiny = jax.ShapeDtypeStruct((1, 2), jnp.float32)
+  fn = ka_with(fn_name, kwargs)
+  tiny = jax.ShapeDtypeStruct((2, 2), jnp.float32)
+  args = (tiny,) * (4 if fn_name == "fused_linear_kl" else 2)
   try:
-    jax.eval_shape(lambda a, b: fn(a, b, implementation=kwargs["implementation"]), tiny, tiny)
+    jax.eval_shape(lambda *xs: fn(*xs, implementation=kwargs["implementation"]), *args)
   except ValueError as e:
     raise H.Unavailable(f"implementation={kwargs['implementation']!r} not in this build: "
                         f"{e}") from None
@@ -450,6 +452,10 @@ def rows_fused_js(case: Case, dev: dict[str, jax.Array]) -> list[H.Impl]:
       return grad(lambda h, w, rh, rw: f(h, w, rh, rw, **kwargs)), args
     return grad(lambda h, w, rh, rw: jnp.mean(f(h, w, rh, rw, **kwargs))), args
 
+  def klagg_at(kwargs):  # a named implementation: a skipped row where the library lacks it
+    known_implementation({"implementation": kwargs["implementation"]}, "fused_linear_kl")
+    return klagg(kwargs)
+
   def materialized():
     return grad(lambda h, w, rh, rw: peers.fused_js_materialized(h, w, rh, rw, beta)), args
 
@@ -467,6 +473,15 @@ def rows_fused_js(case: Case, dev: dict[str, jax.Array]) -> list[H.Impl]:
     kw = {"chunk_size": c, **({"reduction": "mean"} if scalar else {})}
     name = f"klagg fused_linear_kl{' reduction=' + repr('mean') if scalar else ''} chunk_size={c}"
     rows.append(_row(name, "klagg", lambda kw=kw: klagg(kw), "fused_js"))
+  # Other block steps (implementation="pallas": the hand-written kernel between the matmuls),
+  # at the float32 accumulator and at the 16-bit one of the memory comparison with Liger.
+  for impl in case.params.get("implementations", ()):
+    for accum in (None, jnp.bfloat16):
+      kw = {"reduction": "mean", "implementation": impl,
+            **({} if accum is None else {"accum_dtype": accum})}
+      name = (f"klagg fused_linear_kl reduction='mean' implementation={impl!r}"
+              + ("" if accum is None else " accum_dtype=bfloat16"))
+      rows.append(_row(name, "klagg", lambda kw=kw: klagg_at(kw), "fused_js"))
   rows.append(_row("jax.numpy (materialized)", "jax", materialized, "fused_js"))
   return rows + _torch_peers(case, dev, 6, "fused_js")
 

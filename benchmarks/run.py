@@ -25,9 +25,10 @@ bandwidth of a large copy ("x byte floor", kl and barrier), matmul FLOPs over th
 matmul ("x FLOP floor", fused workloads).
 
 klagg rows at other implementations (`implementation="xla"`, `"pallas"`: `--implementations`)
-sit beside the default; one the library does not know yet is a skipped row. With `"pallas"`, a
-row calls the Pallas kernel's entry point directly (kl), and `--pallas-tiles` registers the tile
-table rows of a `pallas_sweep.py` run first.
+sit beside the default (kl, barrier; for fused_js at `reduction="mean"`, with the float32 and
+the bfloat16 accumulator); one the library does not know yet is a skipped row. With `"pallas"`,
+a row calls the Pallas kernel's entry point directly (kl), and `--pallas-tiles` registers the
+tile table rows of a `pallas_sweep.py` run first.
 
 PyTorch-side peers run where JAX runs: torch on the host beside a CPU JAX; torch eager,
 `torch.compile` and Liger-Kernel on the GPU beside a GPU JAX. A peer that cannot run here is a
@@ -93,9 +94,9 @@ class Config:
   `budget_s`: per case, fewer timed rounds (never below 3) when `repeats` would take longer;
   `total_budget_s`: for the whole run, rows that would start later are skipped.
   `chunks` / `xla`: extra klagg rows at forced `chunk_size`s / at `implementation="xla"` (kl and
-  barrier); `implementations`: extra klagg rows at each `implementation=` named (kl and barrier;
-  a name the library does not know yet gives a skipped row), and for `"pallas"` a row calling the
-  Pallas kernel's entry point directly (kl). `pallas_tiles`: a `pallas_sweep.py` JSON whose
+  barrier); `implementations`: extra klagg rows at each `implementation=` named (kl, barrier,
+  and fused_js at `reduction="mean"`; a name the library does not know yet gives a skipped
+  row), and for `"pallas"` a row calling the Pallas kernel's entry point directly (kl). `pallas_tiles`: a `pallas_sweep.py` JSON whose
   table rows are registered before the run. `fused_js_shapes` are (N, D, V) for the `fused_js` workload, run in `fused_js_dtypes`
   with `fused_js_beta` and extra rows at `fused_js_chunks`. `copy_bytes` and `matmul_size` size
   the passes that measure the bandwidth and matmul rate of the computed floors.
@@ -179,7 +180,8 @@ def make_cases(cfg: Config) -> list[W.Case]:
     if "fused_js" in cfg.workloads and dtype in cfg.fused_js_dtypes:
       for n, d, v in cfg.fused_js_shapes:
         params = {"n": n, "d": d, "v": v, "dtype": dtype, "beta": cfg.fused_js_beta,
-                  "chunks": list(cfg.fused_js_chunks)}
+                  "chunks": list(cfg.fused_js_chunks),
+                  "implementations": list(cfg.implementations)}
         cases.append(W.Case("fused_js", "hidden_vd", {"n": n, "v": v, "d": d}, params))
   if "agg" in cfg.workloads:
     for t in cfg.agg_lengths:
@@ -514,7 +516,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="wall-clock budget of the whole run; later rows are skipped")
   p.add_argument("--no-torch", action="store_true", help="skip the PyTorch and Liger rows")
   p.add_argument("--implementations",
-                 help="comma-separated extra klagg implementation= rows (kl, barrier), e.g. pallas")
+                 help="comma-separated extra klagg implementation= rows (kl, barrier, fused_js), "
+                      "e.g. pallas")
   p.add_argument("--pallas-tiles", type=Path,
                  help="a pallas_sweep.py JSON whose tile table rows are used by the pallas rows")
   p.add_argument("--torch-compile", action="store_true",

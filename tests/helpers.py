@@ -6,6 +6,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 
 def to_f64(x) -> np.ndarray:
@@ -71,7 +72,8 @@ def cuda_target():
 # NotImplementedError (so a sequence of implementations falls through to the next); an
 # implementation not listed for a feature must run every case with it. A new implementation is
 # tested by registering it, and listed here only for what it refuses.
-REFUSES = {"divergence": {"pallas": frozenset({"float64", "softcap"})}}
+REFUSES = {"divergence": {"pallas": frozenset({"float64", "softcap"})},
+           "fused": {"pallas": frozenset({"float64", "topk"})}}
 
 # Implementations with forward-mode AD; the custom-VJP ones raise TypeError naming "xla".
 FORWARD_MODE = frozenset({"xla"})
@@ -79,6 +81,16 @@ FORWARD_MODE = frozenset({"xla"})
 
 def refuses(op: str, impl: str, feature: str) -> bool:
   return feature in REFUSES.get(op, {}).get(impl, ())
+
+
+def refused(op: str, impl: str, feature: str, call) -> bool:
+  """True (after checking that ``call()`` raises NotImplementedError) where ``impl`` lacks
+  ``feature``."""
+  if not refuses(op, impl, feature):
+    return False
+  with pytest.raises(NotImplementedError):
+    call()
+  return True
 
 
 def impl_cases(implementations, *chunk_sizes):

@@ -1,13 +1,16 @@
 """fused_linear_kl equals kl_per_position of the materialized logits, in value and gradients."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import klagg_jax as ka
+from klagg_jax._ops.divergence import pallas_tiles
 from klagg_jax._ops.fused.api import IMPLEMENTATIONS
-from tests.helpers import FORWARD_MODE, impl_cases, plain64, to_f64, x64
+from tests.helpers import FORWARD_MODE, impl_cases, plain64, refused, to_f64, x64
 
 IMPLS = sorted(IMPLEMENTATIONS)
 
@@ -17,6 +20,13 @@ except ImportError:  # JAX < 0.10
   from jax.core import jaxprs_in_params
 
 N, D, V = 11, 6, 19
+
+
+@pytest.fixture(autouse=True)
+def small_pallas_tiles(monkeypatch):
+  """Pallas' interpreter with 4-row, 8-entry tiles: V = 19 spans 3 vocabulary tiles, the last
+  ragged, and 4-row blocks a ragged last row tile."""
+  monkeypatch.setattr(pallas_tiles, "INTERPRET_DEFAULT", pallas_tiles.Tiles(rows=4, vocab=8))
 
 
 @pytest.fixture
@@ -296,6 +306,40 @@ def test_every_implementation_matches_float64(problem, implementation, reduction
   else:
     with pytest.raises(TypeError, match="implementation=\"xla\""):
       jax.jvp(lambda h: f(h, p["w"], p["b"]), (p["h"],), (t,))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vmap_equals_one_call_per_batch(problem, impl):
+  p = problem
+  hs = np.stack([p["h"], p["h"][::-1]])
+  f = lambda h, w: ka.fused_linear_kl(h, w, p["rh"], p["rw"], where=p["mask"], direction="js",
+                                      reduction="mean", chunk_size=4, implementation=impl)
+  vg = jax.value_and_grad(f, (0, 1))
+  got = jax.jit(jax.vmap(vg, in_axes=(0, None)))(hs, p["w"])
+  for i, h in enumerate(hs):
+    want = vg(h, p["w"])
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g[i], e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_float64_inputs_compute_in_float64_or_are_refused(problem, impl):
+  p = problem
+  with x64():
+    h, w, rh, rw = (np.float64(p[k]) for k in ("h", "w", "rh", "rw"))
+    f = lambda h, w, implementation=impl: ka.fused_linear_kl(
+        h, w, rh, rw, where=p["mask"], direction="js", reduction="sum", chunk_size=4,
+        implementation=implementation)
+    want = vg64(lambda h, w: jnp.where(p["mask"], plain64(h @ w, rh @ rw, "js"), 0.0).sum(),
+                h, w)
+    if refused("fused", impl, "float64", lambda: f(h, w)):
+      # A sequence falls through to the next implementation, which computes in float64.
+      f = functools.partial(f, implementation=(impl, "chunked"))
+    value, grads = jax.value_and_grad(f, (0, 1))(h, w)
+  assert value.dtype == jnp.float64
+  np.testing.assert_allclose(value, want[0], rtol=1e-12)
+  np.testing.assert_allclose(grads[0], want[1][0], rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(grads[1], want[1][1], rtol=1e-5, atol=1e-8)  # a float32 product
 
 
 @pytest.mark.parametrize("kwargs, match", [

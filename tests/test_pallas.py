@@ -326,6 +326,27 @@ def test_exports_for_cuda_with_the_triton_kernels(direction):
     jax.export.export(jax.jit(forward), platforms=["cuda"])(*sds)
 
 
+@pytest.mark.parametrize("direction, reduction, kernels", [
+    ("reverse", "mean", 2),  # the row statistics, the student gradient
+    ("js", None, 3)])  # the statistics, the mixture sums (forward); the gradient (backward)
+def test_fused_head_exports_for_cuda_with_the_triton_kernels(direction, reduction, kernels):
+  """fused_linear_kl(implementation="pallas"): value and gradient lowered for CUDA hold the
+  block step's kernels, once per block loop."""
+  import klagg_jax as ka
+  n, d, v = 16, 8, 128256
+  sds = (jax.ShapeDtypeStruct((n, d), jnp.bfloat16), jax.ShapeDtypeStruct((d, v), jnp.bfloat16))
+
+  def loss(h, w, rh, rw):
+    return ka.fused_linear_kl(h, w, rh, rw, direction=direction, reduction=reduction,
+                              implementation="pallas").sum()
+
+  checks = [jax.export.DisabledSafetyCheck.custom_call(TRITON)]
+  with cuda_target():
+    exported = jax.export.export(jax.jit(jax.value_and_grad(loss, (0, 1))), platforms=["cuda"],
+                                 disabled_checks=checks)(*sds, *sds)
+  assert exported.mlir_module().count(TRITON) == kernels
+
+
 # ------------------------------------------------------------------------------------------------
 # The fused heads' block step.
 
@@ -348,6 +369,11 @@ def test_block_step_equals_the_chunked_block_step(rng, direction):
   for got, want in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs)):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=direction)
   assert mine[0][4] == 0.0 and np.all(np.asarray(mine[2][0])[4] == 0.0)
+  # The fused heads ask for the student's gradient only: the same array, none for the reference.
+  student, ref_grad = jax.jit(lambda x, y, stats: pallas_div.block_backward(
+      x, y, stats, spec, ref_grad=False))(jnp.asarray(a), jnp.asarray(b), mine[1])
+  assert ref_grad is None
+  np.testing.assert_array_equal(student, mine[2][0])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ logits-sized.
 
 from __future__ import annotations
 
+import functools
 import math
 import pathlib
 import re
@@ -21,6 +22,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import klagg_jax as ka
+from tests.helpers import cuda_target
 
 if jax.device_count() < 8:  # conftest.py asks for 8 CPU devices; other backends may have fewer
   pytest.skip("needs 8 devices", allow_module_level=True)
@@ -171,6 +173,52 @@ def test_fused_linear_kl_matches_one_device(layout, chunk_size, weight_layout):
   assert dh.sharding.spec == P(bs, None, None)
   assert dwt.sharding.spec == P(*w_spec) and dbias.sharding.spec == P(vs)
   assert all(n < LOGITS_BLOCK for n in moved_elements(hlo))
+
+
+@pytest.mark.parametrize("kind", ["auto", "explicit"])
+def test_fused_pallas_block_step_runs_per_shard(kind):
+  """The Pallas block step on a vocabulary- and batch-split head: in the library's shard_map
+  (Explicit axes: row statistics merged over the vocabulary axis) and under GSPMD (a classic
+  mesh: the kernels partitioned per shard). One device's values and gradients, nothing moved."""
+  p = data(3)
+
+  def f(h, wt, rh, rwt, mask, w, impl="pallas"):
+    fused = lambda h, wt, **kw: ka.fused_linear_kl(h, wt, rh, rwt, where=mask, chunk_size=12,
+                                                   implementation=impl, **kw)
+    per = jax.value_and_grad(lambda h, wt: (fused(h, wt, direction="js") * w).sum(),
+                             (0, 1))(h, wt)
+    return per, jax.value_and_grad(lambda h, wt: fused(h, wt, reduction="mean"), (0, 1))(h, wt)
+
+  host = (p["h"], p["wt"], p["rh"], p["rwt"], p["mask"], p["w"])
+  want = jax.jit(functools.partial(f, impl="chunked"))(*host)
+  bs, vs = LAYOUTS["both"]
+  specs = ((bs, None, None), (None, vs), (bs, None, None), (None, vs), (bs, None), (bs, None))
+  mesh = CLASSIC if kind == "auto" else EXPLICIT
+  got, hlo = run(f, *[put(x, mesh, *s) for x, s in zip(host, specs)])
+  assert_tree_close(got, want, kind)
+  assert moved_elements(hlo) == [], kind
+
+
+def test_fused_pallas_vocab_split_head_exports_for_cuda_with_the_triton_kernels():
+  """A tensor-parallel head (partition=, weights split over the vocabulary) exports for CUDA:
+  the block step's Triton kernels run per shard, nothing is gathered."""
+  part = ka.Partition(AUTO, batch_axis="data", vocab_axis="model")
+  n, d, v = 64, 8, 128256
+
+  def loss(h, w, rh, rw):
+    return ka.fused_linear_kl(h, w, rh, rw, reduction="mean", weight_layout="vd",
+                              implementation="pallas", partition=part)
+
+  hs = jax.ShapeDtypeStruct((n, d), jnp.bfloat16, sharding=NamedSharding(AUTO, P("data", None)))
+  ws = jax.ShapeDtypeStruct((v, d), jnp.bfloat16, sharding=NamedSharding(AUTO, P("model", None)))
+  triton = "__gpu$xla.gpu.triton"
+  with cuda_target():
+    exported = jax.export.export(
+        jax.jit(jax.value_and_grad(loss, (0, 1))), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(hs, ws, hs, ws)
+  module = exported.mlir_module()
+  assert exported.nr_devices == N_DEV
+  assert module.count(triton) == 2 and "all_gather" not in module  # statistics, gradient
 
 
 # ----------------------------------------------------------------------------------------------

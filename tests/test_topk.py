@@ -13,7 +13,7 @@ import klagg_jax as ka
 from klagg_jax import _reference as ref
 from klagg_jax._ops.fused import api as fused_api
 from klagg_jax._ops.topk import api as topk_api
-from tests.helpers import FORWARD_MODE, random_logits, to_f64, x64
+from tests.helpers import FORWARD_MODE, random_logits, refused, to_f64, x64
 
 DIRECTIONS = ("forward", "reverse", "js")
 SHAPE = (3, 5, 17)  # [B, T, V]
@@ -645,6 +645,8 @@ def test_fused_reduced_matches_float64(rng, impl, reduction, direction):
                                     direction, temperature=0.8), 0.0)
     return kl.sum() / (mask.sum() if reduction == "mean" else 1.0)
 
+  if refused("fused", impl, "topk", lambda: fused(h, w, bias)):
+    return
   got = jax.value_and_grad(fused, (0, 1, 2))(h, w, bias)
   with x64():
     want = jax.value_and_grad(materialized, (0, 1, 2))(*(np.float64(x) for x in (h, w, bias)))

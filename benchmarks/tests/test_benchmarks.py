@@ -344,6 +344,7 @@ def test_gpu_preset_measures_the_issue_shapes():
     if c.workload == "fused_js":
       assert (c.params["n"], c.params["d"], c.params["v"], c.params["beta"]) == (
           8192, 4096, 128256, 0.5)
+      assert c.params["implementations"] == ["pallas"]  # the Pallas block step beside chunked
     else:
       assert (c.params["n"], c.params["v"], c.params["xla"]) == (8192, 131072, True)
       assert c.params["chunks"] and c.params.get("t", 512) == 512

@@ -58,7 +58,7 @@ from klagg_jax._ops.divergence import pallas_kernels as K
 from klagg_jax._ops.divergence import pallas_tiles, pallas_tpu
 from klagg_jax._ops.divergence.pallas_tiles import Tiles
 
-__all__ = ["Tiles", "block_backward", "block_forward", "divergence_rows"]
+__all__ = ["Tiles", "block_backward", "block_forward", "check_block", "divergence_rows"]
 
 # Spec fields this kernel reads; any other field set to something other than None / False is
 # a feature it does not implement.
@@ -470,6 +470,16 @@ def _block_spec(spec: Spec) -> Spec:
   return dataclasses.replace(spec, inv_temperature=1.0, ref_grad=True)
 
 
+def check_block(dtype, spec: Spec) -> None:
+  """Raises ``NotImplementedError`` where the block step cannot run ``spec`` on ``dtype`` rows.
+
+  The check :func:`block_forward` and :func:`block_backward` make, for a caller that wants to
+  refuse before it traces anything.
+  """
+  x = jax.ShapeDtypeStruct((0, 0), dtype)
+  _check_supported(x, x, spec)
+
+
 def block_forward(a: jax.Array, b: jax.Array, spec: Spec):
   """Divergence of prepared student rows ``a`` from reference rows ``b``, with its row stats.
 
@@ -499,7 +509,7 @@ def block_forward(a: jax.Array, b: jax.Array, spec: Spec):
   return _value(stats, mask, spec), tuple(stats)
 
 
-def block_backward(a: jax.Array, b: jax.Array, stats, spec: Spec):
+def block_backward(a: jax.Array, b: jax.Array, stats, spec: Spec, *, ref_grad: bool = True):
   """``(d div / d a, d div / d b)`` per row of a block, from :func:`block_forward`'s ``stats``.
 
   .. math::
@@ -509,13 +519,15 @@ def block_backward(a: jax.Array, b: jax.Array, stats, spec: Spec):
 
   and for js :math:`(1 - \\beta) p (-\\log(m/p) - \\mathrm{KL}(p\\|m))` into ``a``,
   :math:`\\beta r (-\\log(m/r) - \\mathrm{KL}(r\\|m))` into ``b``. One more read of the block
-  and one write of each gradient, in the dtype of its input.
+  and one write of each gradient, in the dtype of its input. Rows whose divergence the clamp
+  holds at 0 (identical rows, rows without mass) get a zero gradient, as in the chunked step.
 
   Args:
     a: student rows ``[block, V]``, as given to :func:`block_forward`.
     b: reference rows ``[block, V]``.
     stats: the statistics :func:`block_forward` returned.
     spec: the same spec.
+    ref_grad: whether to form (and write) the gradient into ``b``; False returns None there.
 
   Returns:
     The two ``[block, V]`` gradients (of each row's divergence, unweighted).
@@ -526,12 +538,14 @@ def block_backward(a: jax.Array, b: jax.Array, stats, spec: Spec):
   _check_supported(a, b, spec)
   spec = _block_spec(spec)
   x, y, a_is_x = _operands(a, b, spec)
-  mask = jnp.ones(a.shape[:1], bool)
-  cfg = _config(spec, None)
-  w = jnp.ones(a.shape[:1], jnp.float32)
-  m = mask.astype(jnp.int32)
+  cfg = _config(spec, None, want_b=ref_grad)
+  w = jnp.where(_raw_value(stats, spec) <= 0, 0.0, 1.0).astype(jnp.float32)
+  m = jnp.ones(a.shape[:1], jnp.int32)
   if spec.vocab_axis is not None:
-    dx, dy = _grads(x, y, m, w, tuple(stats), cfg)
+    grads = _grads(x, y, m, w, tuple(stats), cfg)
   else:
-    dx, dy = _rowwise("grads", cfg)(x, y, m, w, *stats)
+    grads = _rowwise("grads", cfg)(x, y, m, w, *stats)
+  grads = list(grads)
+  dx = grads.pop(0) if cfg.kernel.want_dx else None
+  dy = grads.pop(0) if cfg.kernel.want_dy else None
   return (dx, dy) if a_is_x else (dy, dx)

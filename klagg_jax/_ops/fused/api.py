@@ -20,14 +20,14 @@ from klagg_jax import _checks, _sharding
 from klagg_jax._chunked import chunking
 from klagg_jax._ops import eager, registry, transform
 from klagg_jax._ops.divergence.base import Spec, resolve_direction
-from klagg_jax._ops.fused import chunked, xla
+from klagg_jax._ops.fused import chunked, pallas, xla
 from klagg_jax._ops.fused.base import FusedSpec, LinearReference, TopkReference
 from klagg_jax._ops.topk import api as topk_api
 from klagg_jax._ops.topk.base import TopkSpec
 
 WEIGHT_LAYOUTS = ("dv", "vd")
 REDUCTIONS = (None, "mean", "sum")
-IMPLEMENTATIONS = {"chunked": chunked.rows, "xla": xla.rows}
+IMPLEMENTATIONS = {"chunked": chunked.rows, "pallas": pallas.rows, "xla": xla.rows}
 
 
 def _vocab_of(name: str, weight: jax.Array, layout: str) -> tuple[int, int]:
@@ -194,8 +194,12 @@ def fused_linear_kl(hidden: jax.typing.ArrayLike, weight: jax.typing.ArrayLike,
       ``hidden`` / ``ref_hidden``, ``vocab_axis`` the V axis of the weights and biases (a
       tensor-parallel LM head), run as a ``shard_map``. Not needed on a classic ``Mesh`` under
       ``jit`` (GSPMD partitions the kernel) or on ``Explicit`` axes (read off the inputs).
-    implementation: ``None`` (the library's choice), ``"chunked"``, or ``"xla"`` (materializes
-      the logits; supports forward-mode AD), or a sequence of them tried in order.
+    implementation: ``None`` (the library's choice), ``"chunked"``, ``"pallas"`` (opt-in: the
+      chunked loops with a hand-written block step between the matmuls, Triton on GPU, Mosaic
+      on TPU, Pallas' interpreter elsewhere, where it is a slow correctness mode; float32
+      arithmetic, so float64 inputs raise ``NotImplementedError``), or ``"xla"`` (materializes
+      the logits; supports forward-mode AD), or a sequence of them tried in order (one that
+      cannot run here is skipped).
     softcap: None, or a static cap c > 0 on the student's logits, c tanh(z / c), applied inside
       each block before the temperature, with its gradient (``-inf`` stays ``-inf``).
     ref_softcap: the reference's cap; None (default) takes ``softcap``;
@@ -209,6 +213,8 @@ def fused_linear_kl(hidden: jax.typing.ArrayLike, weight: jax.typing.ArrayLike,
     ValueError: for mismatched shapes (naming both), an unknown direction, layout, reduction or
       implementation, beta outside [0, 1], a non-static or non-positive temperature, a bad
       ``where``, ``chunk_size``, ``accum_dtype`` or ``precision``.
+    NotImplementedError: when no implementation named in ``implementation`` can run the call
+      (``"pallas"`` alone with float64 inputs), with each one's reason.
 
   .. math::
 
@@ -323,7 +329,8 @@ def fused_linear_kl_topk(hidden: jax.typing.ArrayLike, weight: jax.typing.ArrayL
     partition: a :class:`klagg_jax.Partition` (``vocab_axis`` splits the weight's V axis) for a
       ``shard_map``; not needed under GSPMD or on ``Explicit`` axes.
     implementation: ``None`` / ``"chunked"``, or ``"xla"`` (materializes the logits), or a
-      sequence of them tried in order.
+      sequence of them tried in order (one that cannot run here is skipped). ``"pallas"`` has
+      no kernel for the top-k block math and raises ``NotImplementedError``.
     softcap: None, or a static cap c > 0 on the student's logits, c tanh(z / c), applied inside
       each block before the temperature, with its gradient (``-inf`` stays ``-inf``).
 
@@ -334,6 +341,8 @@ def fused_linear_kl_topk(hidden: jax.typing.ArrayLike, weight: jax.typing.ArrayL
     ValueError: for mismatched shapes (naming them), k outside [1, V], non-integer or (where
       static) out-of-range or repeated indices, an unknown direction or layout, beta outside
       [0, 1], a traced or non-positive temperature, a bad ``where`` or ``chunk_size``.
+    NotImplementedError: when no implementation named in ``implementation`` can run the call
+      (``"pallas"`` alone), with each one's reason.
 
   .. math::
 
