@@ -36,7 +36,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _harness  # noqa: E402  (benchmarks/ is a folder of scripts)
 
 HERE = Path(__file__).resolve().parent
-GRID = ((32768, 4096), (8192, 8192), (2048, 32768), (512, 131072))
+GRID = ((32768, 4096), (8192, 8192), (8192, 32768), (2048, 32768), (512, 131072))
 ROWS = ("default", "xla", "plain")
 
 

@@ -62,9 +62,10 @@ class PlatformConfig:
       converts a whole bf16 operand to float32 to slice it, and a whole bf16 buffer to update it).
     whole_min_rows: from this many rows up, the KL kernels without a soft-cap run as one
       whole-array expression with no select, which the compiler streams in one fused pass (no
-      ``[N, V]`` temporary), instead of the row-block loop; None: always the loop. A row whose
-      result is NaN there (a NaN, an ``-inf`` entry, masked garbage) sends the whole call to the
-      loop, which keeps the conventions.
+      ``[N, V]`` temporary): ``"chunked"`` instead of its row-block loop, ``"xla"`` instead of
+      its exact formulas; None: never. A row whose result is NaN there (a NaN, an ``-inf``
+      entry, masked garbage) sends ``"chunked"``'s whole call to the loop and ``"xla"``'s row
+      to the exact formulas, which keep the conventions.
   """
   name: str
   block_bytes: int

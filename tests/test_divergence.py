@@ -451,7 +451,8 @@ def test_default_implementation_is_the_chunked_kernel(rng):
 
 
 # ------------------------------------------------------------------------------------------------
-# The whole-array KL (many rows on a CPU): enabled here from one row up, so small shapes take it.
+# The whole-array KL (many rows on a CPU; "chunked" and "xla" both have one): enabled here from
+# one row up, so small shapes take it.
 
 
 @pytest.fixture
@@ -468,11 +469,15 @@ def _takes_whole_path(f, *args):
   return "cond" in str(jax.make_jaxpr(f)(*args))
 
 
+WHOLE = ("chunked", "xla")
+
+
+@pytest.mark.parametrize("impl", WHOLE)
 @pytest.mark.parametrize("direction, poison", [
     ("reverse", None), ("forward", None), ("forward", "banned"), ("reverse", "masked_nan"),
     ("forward", "valid_nan")])
 def test_whole_array_kl_matches_float64_and_falls_back_where_conventions_decide(
-    whole_path, rng, direction, poison):
+    whole_path, rng, impl, direction, poison):
   a, b = random_logits(rng, SHAPE), random_logits(rng, SHAPE)
   mask = rng.random(SHAPE[:-1]) > 0.3
   mask[0, 0] = True
@@ -485,7 +490,7 @@ def test_whole_array_kl_matches_float64_and_falls_back_where_conventions_decide(
     a[0, 0, 2] = np.nan
   w = rng.standard_normal(SHAPE[:-1]).astype(np.float32)
   f = lambda x, y: (w * ka.kl_per_position(x, y, direction=direction, where=mask,
-                                           temperature=0.9)).sum()
+                                           temperature=0.9, implementation=impl)).sum()
   assert _takes_whole_path(f, a, b)
   value, grads = jax.value_and_grad(f, (0, 1))(a, b)
   grad_only = jax.grad(f, (0, 1))(a, b)
@@ -504,18 +509,41 @@ def test_whole_array_kl_matches_float64_and_falls_back_where_conventions_decide(
     np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", WHOLE)
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
-def test_whole_array_kl_keeps_exact_zeros_and_low_precision(whole_path, rng, direction):
+def test_whole_array_kl_keeps_exact_zeros_and_low_precision(whole_path, rng, impl, direction):
+  kl = functools.partial(ka.kl_per_position, direction=direction, implementation=impl)
   a = jnp.asarray(rng.normal(size=(4, 9)) * 5, jnp.float32)
-  f = lambda x, y: ka.kl_per_position(x, y, direction=direction).sum()
+  f = lambda x, y: kl(x, y).sum()
   assert _takes_whole_path(f, a, a)
   value, grads = jax.value_and_grad(f, (0, 1))(a, a)
   assert value == 0.0 and all((g == 0).all() for g in grads)
-  assert (ka.kl_per_position(a * 6.0, a * 6.0 + 3.0, direction=direction) >= 0).all()
+  assert (kl(a * 6.0, a * 6.0 + 3.0) >= 0).all()
   lo, ref_lo = (jnp.asarray(random_logits(rng, (6, 33)), jnp.bfloat16) for _ in range(2))
-  got = ka.kl_per_position(lo, ref_lo, direction=direction)
+  got = kl(lo, ref_lo)
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(got, ref.kl_per_position(to_f64(lo), to_f64(ref_lo), direction),
                              rtol=1e-5, atol=1e-6)
-  ga = jax.grad(lambda x: ka.kl_per_position(x, ref_lo, direction=direction).sum())(lo)
+  ga = jax.grad(lambda x: kl(x, ref_lo).sum())(lo)
   assert ga.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_whole_array_xla_kl_keeps_forward_mode_and_hessians(whole_path, rng, direction):
+  a, b = random_logits(rng, (5, 7)), random_logits(rng, (5, 7))
+  a[1, 2] = -np.inf  # one row the exact formulas make, beside four streamed ones
+  mask = np.array([True, True, True, False, True])
+  f = lambda x: ka.kl_per_position(x, b, direction=direction, where=mask, temperature=1.3,
+                                   implementation="xla")
+  assert _takes_whole_path(f, a)
+  t = rng.standard_normal(a.shape)
+  t[1, 2] = 0.0  # no tangent along a banned entry (its logit stays -inf)
+  with x64():
+    g = lambda x: jnp.where(mask, plain64(x / 1.3, to_f64(b) / 1.3, direction), 0.0)
+    want, want_t = jax.jvp(g, (to_f64(a),), (to_f64(t),))
+    want_h = jax.hessian(lambda x: g(x)[0])(to_f64(a))
+  got, got_t = jax.jvp(f, (jnp.asarray(a),), (jnp.asarray(t, jnp.float32),))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got_t, want_t, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(jax.hessian(lambda x: f(x)[0])(jnp.asarray(a)), want_h,
+                             rtol=1e-4, atol=1e-5)

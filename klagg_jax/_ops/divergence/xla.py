@@ -8,14 +8,14 @@ truth are independent. The library's conventions are kept differentiable by the 
 (make the input of an undefined branch safe inside, select outside; JAX FAQ, "gradients
 contain NaN where using where").
 
-A KL over the whole vocabulary without a soft-cap first runs as :func:`_streamed_kl`: the same
-formulas with no select at all, which XLA:CPU compiles, as it does plain jax.numpy, into one
-fused pass over the rows (any select splits that pass into one loop per reduction, 3-4x the
-time). The conventions cannot be written without selects, but wherever one of them decides a
-row the select-free value is NaN or ``+inf``: then the call takes the exact formulas above,
-value and derivatives. Its custom JVP (so forward mode, reverse mode and Hessians all work)
-turns the tangent into ``sum_v c_v t_v`` with the coefficients ``c = d KL / d logits`` of
-whichever branch ran.
+From the config's ``whole_min_rows`` up (many rows on a CPU), a KL over the whole vocabulary
+without a soft-cap first runs as :func:`_streamed_kl`: the same formulas with no select, which
+XLA:CPU compiles, as it does plain jax.numpy, into one fused pass over the rows (a select splits
+that pass into one loop per reduction: 3-4x the time). The conventions cannot be written
+without selects, but wherever one of them decides a row its select-free value is NaN or
+``+inf``; those rows take the exact formulas above, value and derivatives. A custom JVP (so
+forward mode, reverse mode and Hessians all work) forms the tangent as ``sum_v c_v t_v`` with
+``c = d KL / d logits`` from whichever formulas made the row.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from klagg_jax import _checks
+from klagg_jax import _checks, _config
 from jax.custom_derivatives import SymbolicZero
 
 from klagg_jax._ops import transform
@@ -195,8 +195,19 @@ def divergence_rows(a: jax.Array, b: jax.Array, mask: jax.Array, spec) -> jax.Ar
   """Per-row divergence of ``[N, V]`` logits ``a`` (student) from ``b`` (reference); ``[N]``.
 
   The same contract as the chunked kernel's ``divergence_rows``; ``spec.chunks`` is ignored
-  and ``spec.ref_grad`` False stops the gradient into ``b``.
+  and ``spec.ref_grad`` False stops the gradient into ``b``. The select-free KL runs where the
+  platform's config says the compiler streams it (``whole_min_rows``).
   """
-  if _streams(spec):
-    return _streamed_rows(a, b if spec.ref_grad else jax.lax.stop_gradient(b), mask, spec)
-  return _exact_rows(a, b, mask, spec)
+  if not spec.ref_grad:
+    b = jax.lax.stop_gradient(b)
+  if not _streams(spec):
+    return _exact_rows(a, b, mask, spec)
+  n = a.shape[0]
+
+  def plan(config: _config.PlatformConfig) -> bool:
+    return config.whole_min_rows is not None and n >= config.whole_min_rows
+
+  def run(streamed: bool, a, b, mask):
+    return _streamed_rows(a, b, mask, spec) if streamed else _exact_rows(a, b, mask, spec)
+
+  return _config.per_platform(plan, run, a, b, mask)
