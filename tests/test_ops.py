@@ -19,7 +19,7 @@ from klagg_jax._ops import registry
 from klagg_jax._ops.divergence import api as divergence_api
 from klagg_jax._ops.fused import api as fused_api
 from klagg_jax._ops.topk import api as topk_api
-from tests.helpers import cap64, plain64, refused
+from tests.helpers import cap64, plain64, refused, to_f64, x64
 
 DIV_IMPLS = sorted(divergence_api.IMPLEMENTATIONS)
 TOPK_IMPLS = sorted(topk_api.IMPLEMENTATIONS)
@@ -329,3 +329,20 @@ def test_three_identical_eager_calls_trace_once(monkeypatch, rng):
   outs = [ka.kl_per_position(a, b, implementation="chunked", temperature=0.7) for _ in range(3)]
   assert len(traces) == 1
   np.testing.assert_allclose(outs[0], ref.kl_per_position(a, b, temperature=0.7), rtol=1e-5)
+
+
+def test_eager_gradients_run_the_kernel_compiled_and_trace_it_once(monkeypatch, rng):
+  # Without a jit around it, jax.grad would run the kernel's passes one primitive at a time.
+  traces = []
+  inner = divergence_api.IMPLEMENTATIONS["chunked"]
+  monkeypatch.setitem(divergence_api.IMPLEMENTATIONS, "chunked",
+                      lambda *args: traces.append(1) or inner(*args))
+  a, b = (jnp.asarray(rng.normal(size=(6, 17)), jnp.float32) for _ in range(2))
+  loss = lambda x: ka.kl_per_position(x, b, implementation="chunked", temperature=0.7).sum()
+  grads = [jax.grad(loss)(a) for _ in range(3)]
+  assert len(traces) == 1
+  eqns = jax.make_jaxpr(jax.grad(loss))(a).jaxpr.eqns
+  assert any(e.primitive.name in ("jit", "pjit") for e in eqns)  # compiled calls, not primitives
+  with x64():
+    want = jax.grad(lambda x: plain64(x / 0.7, to_f64(b) / 0.7, "reverse").sum())(to_f64(a))
+  np.testing.assert_allclose(grads[2], want, rtol=1e-5, atol=1e-6)

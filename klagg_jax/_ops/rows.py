@@ -87,9 +87,9 @@ def hint_jvp(op: Callable) -> Callable:
   """``op`` (a custom-VJP function) whose forward-mode AD error names the way out."""
 
   @functools.wraps(op)
-  def call(*args: Any) -> Any:
+  def call(*args: Any, **kwargs: Any) -> Any:
     try:
-      return op(*args)
+      return op(*args, **kwargs)
     except TypeError as e:
       if "forward-mode" in str(e):
         raise TypeError(JVP_HINT) from e

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from klagg_jax import _checks, _sharding
 from klagg_jax._chunked import chunking
-from klagg_jax._ops import eager, registry, transform
+from klagg_jax._ops import compiled, registry, transform
 from klagg_jax._ops.divergence import chunked, pallas, xla
 from klagg_jax._ops.divergence.base import Spec, resolve_direction
 
@@ -23,7 +23,7 @@ IMPLEMENTATIONS = {"chunked": chunked.divergence_rows, "xla": xla.divergence_row
                    "pallas": pallas.divergence_rows}
 
 
-@eager.jit_when_eager
+@compiled.compiled
 def per_position(logits, ref_logits, *, direction="reverse", where=None, temperature=1.0,
                  beta=0.5, chunk_size=None, ref_grad: bool = True,
                  vocab_axis: str | None = None, partition: _sharding.Partition | None = None,

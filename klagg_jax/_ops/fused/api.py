@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from klagg_jax import _checks, _sharding
 from klagg_jax._chunked import chunking
-from klagg_jax._ops import eager, registry, transform
+from klagg_jax._ops import compiled, registry, transform
 from klagg_jax._ops.divergence.base import Spec, resolve_direction
 from klagg_jax._ops.fused import chunked, pallas, xla
 from klagg_jax._ops.fused.base import FusedSpec, LinearReference, TopkReference
@@ -140,7 +140,7 @@ def run(kernel, layout: _sharding.Layout | None, hidden, weight, bias, ref_args,
 # Public API.
 
 
-@eager.jit_when_eager
+@compiled.compiled
 def fused_linear_kl(hidden: jax.typing.ArrayLike, weight: jax.typing.ArrayLike,
                     ref_hidden: jax.typing.ArrayLike, ref_weight: jax.typing.ArrayLike, *,
                     direction: str = "reverse", where: jax.typing.ArrayLike | None = None,
@@ -363,7 +363,7 @@ def fused_linear_kl_topk(hidden: jax.typing.ArrayLike, weight: jax.typing.ArrayL
       partition=partition, implementation=implementation, softcap=softcap)
 
 
-@eager.jit_when_eager
+@compiled.compiled
 def _fused_linear_kl_topk(hidden, weight, ref_logprobs, ref_indices, ref_tail, *, bias,
                           weight_layout, direction, where, temperature, beta, chunk_size,
                           reduction, accum_dtype, precision, partition, implementation, softcap):

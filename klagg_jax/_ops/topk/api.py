@@ -20,7 +20,7 @@ import numpy as np
 
 from klagg_jax import _checks, _sharding
 from klagg_jax._chunked import Chunking, chunking
-from klagg_jax._ops import eager, registry, transform
+from klagg_jax._ops import compiled, registry, transform
 from klagg_jax._ops.divergence.base import Spec, resolve_direction
 from klagg_jax._ops.topk import chunked, xla
 from klagg_jax._ops.topk.base import TopkSpec, teacher_tail
@@ -133,7 +133,7 @@ def make_spec(direction, beta, temperature, chunks: Chunking,
   return spec, temp
 
 
-@eager.jit_when_eager
+@compiled.compiled
 def topk_logprobs(ref_logits: jax.typing.ArrayLike, k: int, *,
                   temperature: float | jax.Array = 1.0, chunk_size: int | None = None,
                   partition: _sharding.Partition | None = None,
@@ -292,7 +292,7 @@ def kl_topk(logits: jax.typing.ArrayLike, ref_logprobs: jax.typing.ArrayLike,
                   partition=partition, implementation=implementation, softcap=softcap)
 
 
-@eager.jit_when_eager
+@compiled.compiled
 def _kl_topk(logits, ref_logprobs, ref_indices, ref_tail, *, direction, where, temperature, beta,
              chunk_size, partition, implementation, softcap):
   """:func:`kl_topk` past the checks that need concrete values."""
