@@ -48,10 +48,17 @@ examples: $(VENV)/.installed-examples
 
 # One pytest worker per core (pytest-xdist): the suite is compile-bound and XLA compiles on one
 # thread, so 2 cores halve its wall time. The study's tests compute more than they compile, so
-# they run apart, at XLA's default optimization level (conftest.py).
+# they run apart, at XLA's default optimization level (conftest.py), in one process beside the
+# library's (most of their time is two end-to-end runs, which would leave a worker idle); their
+# output follows the library's, and the target fails if either fails.
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -q -n auto tests benchmarks/tests
-	KLAGG_TEST_XLA_OPT=default $(PY) -m pytest -q -n auto experiments/loops/tests
+	@log=$$(mktemp); \
+	KLAGG_TEST_XLA_OPT=default $(PY) -m pytest -q -n 0 experiments/loops/tests >$$log 2>&1 & \
+	study=$$!; \
+	$(PY) -m pytest -q -n auto tests benchmarks/tests; lib=$$?; \
+	wait $$study; st=$$?; \
+	echo "--- experiments/loops/tests"; cat $$log; rm -f $$log; \
+	test $$lib -eq 0 && test $$st -eq 0
 
 # The HTML site into docs/_build/html (open index.html): the guide pages and the API reference
 # from the docstrings. Any warning fails the build; --keep-going lists them all first.

@@ -31,6 +31,7 @@ import numpy as np
 from jax.scipy.special import ndtr
 
 from klagg_jax import _checks, _numerics, _scaling, _segments, _sharding
+from klagg_jax._ops import compiled
 
 Aggregator = Callable[..., jax.Array]
 
@@ -239,6 +240,7 @@ def _segment_doc(fn):
   return fn
 
 
+@compiled.compiled(checked_when_concrete=("segment_ids",), data=("x",))
 @_segment_doc
 def mean(x: jax.typing.ArrayLike, *, where: Any = None, axis: int | None = -1,
          segment_ids: Any = None, max_segments: int | None = None) -> jax.Array:
@@ -268,6 +270,7 @@ def mean(x: jax.typing.ArrayLike, *, where: Any = None, axis: int | None = -1,
   return rows.finish(_masked_mean(x, mask, count, rows))
 
 
+@compiled.compiled(checked_when_concrete=("segment_ids",), data=("x",))
 @_segment_doc
 def rmse(x: jax.typing.ArrayLike, *, where: Any = None, axis: int | None = -1,
          eps: float = 1e-8, segment_ids: Any = None, max_segments: int | None = None) -> jax.Array:
@@ -315,6 +318,7 @@ def rmse(x: jax.typing.ArrayLike, *, where: Any = None, axis: int | None = -1,
   return rows.finish(jnp.where(_numerics.is_zero(count), 0.0, value))
 
 
+@compiled.compiled(checked_when_concrete=("segment_ids",), data=("x",))
 @_segment_doc
 def maximum(x: jax.typing.ArrayLike, *, where: Any = None, axis: int | None = -1,
             segment_ids: Any = None, max_segments: int | None = None) -> jax.Array:
@@ -345,6 +349,7 @@ def maximum(x: jax.typing.ArrayLike, *, where: Any = None, axis: int | None = -1
 max = maximum  # noqa: A001 -- the public alias ``ka.max``.
 
 
+@compiled.compiled(checked_when_concrete=("segment_ids",), data=("x",))
 @_segment_doc
 def quantile(x: jax.typing.ArrayLike, q: float, *, where: Any = None,
              axis: int | None = -1, segment_ids: Any = None,
@@ -433,6 +438,7 @@ def _normalized(w: jax.Array, s: _Sorted) -> jax.Array:
   return jax.lax.stop_gradient(w / jnp.maximum(total, jnp.finfo(w.dtype).tiny))
 
 
+@compiled.compiled(checked_when_concrete=("segment_ids",), data=("x",))
 @_segment_doc
 def soft_quantile(x: jax.typing.ArrayLike, q: float, *, where: Any = None, axis: int | None = -1,
                   bandwidth: float = 1.0, segment_ids: Any = None,
@@ -498,6 +504,7 @@ def _level_below_one(q: float, dtype: jnp.dtype) -> float:
   return float(min(qd, np.nextafter(np.asarray(1.0, dtype), np.asarray(0.0, dtype))))
 
 
+@compiled.compiled(checked_when_concrete=("segment_ids",), data=("x",))
 @_segment_doc
 def cvar(x: jax.typing.ArrayLike, q: float, *, where: Any = None,
          axis: int | None = -1, segment_ids: Any = None,
@@ -545,6 +552,7 @@ def cvar(x: jax.typing.ArrayLike, q: float, *, where: Any = None,
   return rows.finish(_nan_if_any_nan(_weighted_order_statistics(s, w, count), x, rows))
 
 
+@compiled.compiled(checked_when_concrete=("segment_ids",), data=("x",))
 @_segment_doc
 def smooth_max(x: jax.typing.ArrayLike, temperature: float = 1.0, *, where: Any = None,
                axis: int | None = -1, segment_ids: Any = None,
@@ -589,6 +597,7 @@ def smooth_max(x: jax.typing.ArrayLike, temperature: float = 1.0, *, where: Any 
   return rows.finish(jnp.where(_numerics.is_zero(count), 0.0, value))
 
 
+@compiled.compiled(checked_when_concrete=("segment_ids",), data=("x",))
 @_segment_doc
 def power_mean(x: jax.typing.ArrayLike, p: float, *, where: Any = None,
                axis: int | None = -1, segment_ids: Any = None,

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from klagg_jax import _aggregate, _checks, _segments, _sharding
+from klagg_jax._ops import compiled
 from klagg_jax._ops.divergence import api as _divergence
 
 HINGES = ("relu", "squared", "softplus")
@@ -48,6 +49,7 @@ def hinge(div: jax.typing.ArrayLike, tau: float | jax.Array, kind: str = "relu",
   return jax.nn.softplus(sharpness * excess) / sharpness
 
 
+@compiled.compiled(checked_when_concrete=("segment_ids",))
 def kl_barrier(logits: jax.typing.ArrayLike, ref_logits: jax.typing.ArrayLike, *,
                where: jax.typing.ArrayLike | None = None, direction: str = "reverse",
                agg: str | _aggregate.Aggregator = "rmse", tau: float | jax.Array = 0.5,

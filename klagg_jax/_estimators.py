@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from klagg_jax import _checks, _numerics
+from klagg_jax._ops import compiled
 
 ESTIMATORS = ("k1", "k2", "k3")
 
@@ -65,6 +66,7 @@ def _k3(d: jax.Array) -> jax.Array:
   return jnp.where(small, series, jnp.where(infinite, jnp.inf, jnp.expm1(dl) - dl))
 
 
+@compiled.compiled(data=("logp", "ref_logp"))
 def kl_estimate(logp: jax.typing.ArrayLike, ref_logp: jax.typing.ArrayLike, *,
                 estimator: str = "k3", where: jax.typing.ArrayLike | None = None,
                 max_log_ratio: float | jax.Array | None = 20.0) -> jax.Array:

@@ -34,8 +34,21 @@ def _jitted(fn: Callable, static: tuple[str, ...]) -> Callable:
   return hint_jvp(jax.jit(fn, static_argnames=static))
 
 
-def compiled(fn: Callable) -> Callable:
-  """Wraps ``fn`` (arguments by name) to run as a cached ``jax.jit``, its options static."""
+def compiled(fn: Callable | None = None, *, checked_when_concrete: tuple[str, ...] = (),
+             data: tuple[str, ...] = ()) -> Callable:
+  """Wraps ``fn`` (arguments by name) to run as a cached ``jax.jit``, its options static.
+
+  Args:
+    fn: the public function.
+    checked_when_concrete: arguments whose concrete values ``fn`` reads (segment ids: their
+      count, their range); given a concrete array there, ``fn`` runs as written.
+    data: arguments that are data even as 0-d arrays (never unwrapped into static numbers).
+
+  Returns:
+    The wrapped function (a decorator when ``fn`` is None).
+  """
+  if fn is None:
+    return functools.partial(compiled, checked_when_concrete=checked_when_concrete, data=data)
   signature = inspect.signature(fn)
 
   @functools.wraps(fn)
@@ -43,7 +56,11 @@ def compiled(fn: Callable) -> Callable:
     bound = signature.bind(*args, **kwargs)
     dynamic, static = {}, {}
     for name, value in bound.arguments.items():
-      if _is_array(value) and np.ndim(value) == 0 and not isinstance(value, jax.core.Tracer):
+      if (name in checked_when_concrete and value is not None
+          and not isinstance(value, jax.core.Tracer)):
+        return fn(*args, **kwargs)
+      if (_is_array(value) and np.ndim(value) == 0 and name not in data
+          and not isinstance(value, jax.core.Tracer)):
         # A concrete scalar (a temperature, a numpy chunk size) is static, as it is unwrapped.
         value = np.asarray(value).item()
       (dynamic if _is_array(value) or isinstance(value, jax.core.Tracer) else static)[name] = value
