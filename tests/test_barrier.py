@@ -95,16 +95,17 @@ def test_reference_gradient_is_stopped_by_default(rng):
 
 @pytest.mark.parametrize("agg", AGGS + ("power_mean",))
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tau", [0.0, 0.5])
-def test_finite_gradient_at_zero_kl(rng, agg, dtype, tau):
+def test_finite_gradient_at_zero_kl(rng, agg, dtype):
   """A B = 0 LoRA init: student == reference at step 0, every KL exactly 0."""
   a = jnp.asarray(random_logits(rng, (2, 6, 13)), dtype)
   kw = {"agg_kwargs": {"p": 2.0}} if agg == "power_mean" else {}
-  loss, g = jax.value_and_grad(
-      lambda x: ka.kl_barrier(x, a, agg=agg, tau=tau, hinge="softplus", **kw)[0])(a)
-  assert np.isfinite(float(loss))
-  g = np.asarray(g, np.float32)
-  assert np.isfinite(g).all()
+  step = jax.jit(jax.value_and_grad(
+      lambda x, tau: ka.kl_barrier(x, a, agg=agg, tau=tau, hinge="softplus", **kw)[0]))
+  for tau in (0.0, 0.5):  # a traced tau: one program for both
+    loss, g = step(a, jnp.float32(tau))
+    assert np.isfinite(float(loss))
+    g = np.asarray(g, np.float32)
+    assert np.isfinite(g).all()
 
 
 @pytest.mark.parametrize("agg", AGGS)

@@ -10,5 +10,6 @@
   :mod:`klagg_jax._ops.registry`.
 
 Shared by all ops: :mod:`~klagg_jax._ops.transform` (the logit transform and its derivative),
-:mod:`~klagg_jax._ops.rows` (the custom-VJP scaffold), :mod:`~klagg_jax._ops.registry`.
+:mod:`~klagg_jax._ops.rows` (the custom-VJP scaffold), :mod:`~klagg_jax._ops.registry`,
+:mod:`~klagg_jax._ops.compiled` (every public function runs as one cached ``jax.jit``).
 """

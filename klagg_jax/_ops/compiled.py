@@ -1,4 +1,4 @@
-"""The public kernel functions run as one cached ``jax.jit`` program, eager or transformed.
+"""The public functions (kernels, barrier, aggregators) run as one cached ``jax.jit`` program.
 
 Called eagerly, a public function would otherwise trace its whole kernel on every call
 (hundreds of milliseconds); under an eager ``jax.grad`` or ``jax.jvp`` (no ``jit`` around it),
