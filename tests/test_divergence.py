@@ -461,11 +461,13 @@ def whole_path(monkeypatch):
   from klagg_jax import _config
   monkeypatch.setitem(_config.PLATFORMS, "cpu",
                       dataclasses.replace(_config.CPU, whole_min_rows=1))
-  # Traces made under the default config must not be reused, nor these later: fresh jit objects
-  # for the public functions (clearing every cache would recompile the rest of the suite).
+  # Traces made under the default config must not be reused, nor these later (JAX >= 0.12 also
+  # shares traces between jit objects of one function, so every cache goes).
   compiled._jitted.cache_clear()
+  jax.clear_caches()
   yield
   compiled._jitted.cache_clear()
+  jax.clear_caches()
 
 
 def _takes_whole_path(f, *args):
