@@ -178,12 +178,14 @@ def _streamed_rows_jvp(spec, primals, tangents):
     grads = pull(jnp.ones_like(value))
     return value, [grads[i].astype(value.dtype) if want[i] else None for i in range(2)]
 
-  value, coeffs = _per_row(_row_ok(raw), streamed, exact)
+  ok = _row_ok(raw)
+  value, coeffs = _per_row(ok, streamed, exact)
   tangent = jnp.zeros_like(value)
   for c, t in zip(coeffs, tangents[:2]):
     if c is not None:
       tangent = tangent + jnp.sum(c * t.astype(c.dtype), -1)
-  return value, tangent
+  # A row the value holds at 0 (masked, or clamped) has tangent 0 even along a NaN tangent.
+  return value, jnp.where(mask & (kept | ~ok), tangent, 0.0)
 
 
 def _streams(spec) -> bool:
