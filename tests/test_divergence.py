@@ -550,5 +550,9 @@ def test_whole_array_xla_kl_keeps_forward_mode_and_hessians(whole_path, rng, dir
   got, got_t = jax.jvp(f, (jnp.asarray(a),), (jnp.asarray(t, jnp.float32),))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(got_t, want_t, rtol=1e-4, atol=1e-5)
+  t[3] = np.nan  # along garbage in a masked row, that row's tangent is 0 and the rest unchanged
+  _, nan_t = jax.jvp(f, (jnp.asarray(a),), (jnp.asarray(t, jnp.float32),))
+  assert nan_t[3] == 0.0
+  np.testing.assert_array_equal(np.delete(np.asarray(nan_t), 3), np.delete(np.asarray(got_t), 3))
   np.testing.assert_allclose(jax.hessian(lambda x: f(x)[0])(jnp.asarray(a)), want_h,
                              rtol=1e-4, atol=1e-5)
