@@ -130,3 +130,16 @@ def per_platform(plan: Callable[[PlatformConfig], Hashable],
   branch = {p: functools.partial(run, p) for p in distinct}
   return jax.lax.platform_dependent(*args, default=branch[default_plan],
                                     **{name: branch[p] for name, p in plans.items()})
+
+
+def whole_or_blocked(n: int, whole: Callable[..., _T], blocked: Callable[..., _T],
+                     *args: Any) -> _T:
+  """``whole(*args)`` on platforms whose ``whole_min_rows`` admits ``n`` rows, else ``blocked``.
+
+  The one rule for the whole-array (select-free, streamed) KL expressions, shared by the
+  implementations that have one.
+  """
+  def plan(config: PlatformConfig) -> bool:
+    return config.whole_min_rows is not None and n >= config.whole_min_rows
+
+  return per_platform(plan, lambda use_whole, *xs: (whole if use_whole else blocked)(*xs), *args)

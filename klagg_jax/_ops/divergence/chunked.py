@@ -153,12 +153,5 @@ def divergence_rows(a: jax.Array, b: jax.Array, mask: jax.Array, spec: Spec) -> 
   """
   if not _whole_fits(spec):
     return _loop(a, b, mask, spec)
-  n = a.shape[0]
-
-  def plan(config: _config.PlatformConfig) -> bool:
-    return config.whole_min_rows is not None and n >= config.whole_min_rows
-
-  def run(whole: bool, a, b, mask):
-    return _whole_call(a, b, mask, spec) if whole else _loop(a, b, mask, spec)
-
-  return _config.per_platform(plan, run, a, b, mask)
+  return _config.whole_or_blocked(a.shape[0], lambda *xs: _whole_call(*xs, spec),
+                                  lambda *xs: _loop(*xs, spec), a, b, mask)

@@ -204,12 +204,5 @@ def divergence_rows(a: jax.Array, b: jax.Array, mask: jax.Array, spec) -> jax.Ar
     b = jax.lax.stop_gradient(b)
   if not _streams(spec):
     return _exact_rows(a, b, mask, spec)
-  n = a.shape[0]
-
-  def plan(config: _config.PlatformConfig) -> bool:
-    return config.whole_min_rows is not None and n >= config.whole_min_rows
-
-  def run(streamed: bool, a, b, mask):
-    return _streamed_rows(a, b, mask, spec) if streamed else _exact_rows(a, b, mask, spec)
-
-  return _config.per_platform(plan, run, a, b, mask)
+  return _config.whole_or_blocked(a.shape[0], lambda *xs: _streamed_rows(*xs, spec),
+                                  lambda *xs: _exact_rows(*xs, spec), a, b, mask)
